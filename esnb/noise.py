@@ -1,0 +1,137 @@
+"""Noise from integer seeds, and in-place perturb/restore of a parameter set.
+
+The paper's first memory trick: a population member is *an integer*. Its noise is regenerated
+from that seed whenever it is needed (to perturb, and again to build the update), so N members
+never cost N copies of the model. Every parameter tensor gets its own random stream, derived from
+(seed, tensor index), so that the noise of one layer is independent of the next one's.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """Mix a member seed and a tensor index into one 63-bit generator seed (splitmix64).
+
+    Seeding tensor ``i`` with ``seed + i`` would make member 5's layer 0 equal to member 4's
+    layer 1; a hash keeps the streams of all (seed, tensor) pairs apart.
+    """
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xD1B54A32D192ED2D + 0x632BE59BD9B4E019) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    # One generator per device, re-seeded per tensor: creating a Generator costs more than
+    # seeding one, and this is called N x (number of tensors) times per iteration.
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = torch.Generator(device=device)
+        _GENERATORS[device] = gen
+    return gen
+
+
+def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard Gaussian noise shaped like ``tensor``, a pure function of (seed, index, device)."""
+    dtype = dtype or _master_dtype(tensor.dtype)
+    gen = _generator(tensor.device)
+    gen.manual_seed(stream_seed(seed, index))
+    return torch.randn(tensor.shape, generator=gen, device=tensor.device, dtype=dtype)
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 stays float64 (toy problems); everything narrower is kept in float32 so that
+    # updates of alpha * 1e-1 ~ 1e-4 are not rounded away as they would be in bf16.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def named_parameters_of(params: nn.Module | torch.Tensor | Iterable[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ES optimizes, with names, in a fixed order (the order fixes the noise streams)."""
+    if isinstance(params, nn.Module):
+        return [(name, p) for name, p in params.named_parameters()]
+    if isinstance(params, torch.Tensor):
+        return [("theta", params)]
+    out = []
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"expected tensors to optimize, got {type(p).__name__} at position {i}")
+        out.append((f"param{i}", p))
+    if not out:
+        raise ValueError("no parameters to optimize")
+    return out
+
+
+class ParameterSet:
+    """The working parameters (what the model computes with) and their float32 master copy.
+
+    Perturbation writes ``master + sigma * eps`` into the working tensors; restore copies the
+    master back. Restoring by copy is exact in every dtype, whereas subtracting the noise again
+    drifts in bf16 (the rounding of ``w + sigma*eps`` is not undone by ``- sigma*eps``).
+
+    Memory: one float32 copy of the parameters beside the model (``master_device``; host memory
+    works, at the cost of a transfer per tensor per member on a GPU).
+    """
+
+    def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], master_device: str | torch.device | None = None):
+        named = named_parameters_of(params)
+        for name, p in named:
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; ES needs floating-point tensors")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.master = [
+            p.detach().to(device=master_device or p.device, dtype=_master_dtype(p.dtype), copy=True) for p in self.params
+        ]
+        self.perturbed_by: tuple[int, float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @torch.no_grad()
+    def perturb(self, seed: int, sigma: float) -> None:
+        """Working params := master + sigma * eps(seed), tensor by tensor (sigma may be negative)."""
+        if self.perturbed_by is not None:
+            raise RuntimeError("parameters are already perturbed; restore() first")
+        self.perturbed_by = (seed, sigma)
+        for i, (p, m) in enumerate(zip(self.params, self.master)):
+            eps = noise_like(m, seed, i)
+            p.copy_(eps.mul_(sigma).add_(m))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Working params := master, bit-exactly."""
+        for p, m in zip(self.params, self.master):
+            p.copy_(m)
+        self.perturbed_by = None
+
+    @contextmanager
+    def perturbed(self, seed: int, sigma: float) -> Iterator[None]:
+        """Perturb on entry, restore on exit, also when the body raises."""
+        self.perturb(seed, sigma)
+        try:
+            yield
+        finally:
+            self.restore()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the master into the working tensors (after the master changed)."""
+        self.restore()
+
+    def flat_master(self) -> torch.Tensor:
+        return torch.cat([m.reshape(-1) for m in self.master])
