@@ -1,0 +1,25 @@
+"""Tasks: prompts plus a reward. Every task offers the same small interface (``Task``), so the
+ES engine, the GRPO baseline and the evaluation code never need to know which task they run."""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the fine-tuning engines need from a task.
+
+    ``items`` are task-specific records (a Countdown puzzle dict, a conciseness prompt dict).
+    """
+
+    name: str
+    max_new_tokens: int          # a sensible generation cap for this task
+    stop_strings: Sequence[str]  # generation may stop after any of these (besides EOS)
+
+    def prompt(self, item: Any, tokenizer: Any = None) -> str:
+        """The text fed to the model (chat-templated when the task is built for chat)."""
+        ...
+
+    def score(self, completion: str, item: Any) -> dict:
+        """At least ``{"reward": float, "correct": bool}``; never raises on model output."""
+        ...
