@@ -1,0 +1,264 @@
+"""The headless runner: execute the notebook suite with papermill, and execute-in-place for authors.
+
+    python -m esnb run [--smoke] [--only 01 05 ...] [--output DIR] [-p NAME VALUE ...]
+    python -m esnb execute notebooks/01_es_in_two_dimensions.ipynb [...]
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._env import NOTEBOOKS_DIR, REPO_ROOT, read_records
+
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+
+
+def find_notebooks(directory: Path = NOTEBOOKS_DIR, only: Sequence[str] | None = None) -> list[Path]:
+    """The course notebooks in order; ``only`` keeps those whose number or name starts with a given prefix."""
+    found = sorted(p for p in directory.glob("*.ipynb") if NOTEBOOK_PATTERN.match(p.name))
+    if not only:
+        return found
+    wanted = [str(o).strip() for o in only]
+    chosen = [p for p in found if any(p.name.startswith(w) or p.name.startswith(w.zfill(2) + "_") for w in wanted)]
+    missing = [w for w in wanted if not any(p.name.startswith(w) or p.name.startswith(w.zfill(2) + "_") for p in found)]
+    if missing:
+        names = ", ".join(p.name[:2] for p in found) or "none"
+        raise ValueError(f"no notebook matches {', '.join(missing)} (available: {names})")
+    return chosen
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: a Python/JSON literal when it parses as one (3, 0.01, True, [1, 2]), else the string."""
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, json.JSONDecodeError):
+            pass
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered in {"none", "null"}:
+        return None
+    return text
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    """The names in a notebook's ``parameters`` cell (papermill's own inspection)."""
+    import papermill as pm
+
+    return pm.inspect_notebook(str(path))
+
+
+@dataclass
+class Outcome:
+    notebook: str
+    status: str
+    seconds: float
+    records: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def _describe_failure(exc: BaseException, nb_path: Path) -> str:
+    # papermill's error names the exception; the executed notebook tells which cell it was.
+    cell = "?"
+    try:
+        nb = json.loads(nb_path.read_text())
+        code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        for i, c in enumerate(code_cells):
+            if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
+                cell = str(c.get("execution_count") or f"#{i}")
+                first = "".join(c["source"]).strip().splitlines()[:1]
+                cell += f" ({first[0][:60]!r})" if first else ""
+                break
+    except (OSError, ValueError, KeyError):
+        pass
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    return f"cell {cell}: {ename}: {str(evalue).strip().splitlines()[-1] if str(evalue).strip() else ''}"
+
+
+def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any], smoke: bool,
+              kernel: str = "python3", progress: bool = True) -> list[Outcome]:
+    """Execute each notebook with papermill into ``output``; a failure does not stop the rest."""
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    output.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        declared = declared_parameters(path)
+        params = {k: v for k, v in parameters.items() if k in declared}
+        if smoke and "smoke" in declared:
+            params["smoke"] = True
+        out_path = output / path.name
+        start = time.perf_counter()
+        env_before = os.environ.get("ESNB_SMOKE")
+        if smoke:
+            os.environ["ESNB_SMOKE"] = "1"
+        try:
+            pm.execute_notebook(str(path), str(out_path), parameters=params, kernel_name=kernel,
+                                cwd=str(path.parent), progress_bar=False, log_output=False)
+            status, error = "ok", ""
+        except Exception as exc:  # noqa: BLE001 - any failure is reported and the suite goes on
+            status, error = "FAILED", _describe_failure(exc, out_path)
+        finally:
+            if smoke:
+                if env_before is None:
+                    os.environ.pop("ESNB_SMOKE", None)
+                else:
+                    os.environ["ESNB_SMOKE"] = env_before
+        seconds = time.perf_counter() - start
+        records = {}
+        if out_path.exists():
+            try:
+                records = read_records(json.loads(out_path.read_text()))
+            except (OSError, ValueError, KeyError):
+                pass
+        outcomes.append(Outcome(path.name, status, seconds, records, error))
+        if status != "ok":
+            tqdm.write(f"{path.name} failed at {error}")
+    return outcomes
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_table(outcomes: Sequence[Outcome]) -> str:
+    """A plain-text table: notebook, status, seconds, headline numbers."""
+    rows = [("notebook", "status", "seconds", "headline numbers")]
+    for o in outcomes:
+        headline = ", ".join(f"{k}={_fmt(v)}" for k, v in o.records.items())
+        if o.error:
+            headline = o.error + (f"; {headline}" if headline else "")
+        rows.append((o.notebook, o.status, f"{o.seconds:.1f}", headline))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  " + r[3])
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- execute in place (authors)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def clean_notebook(nb: Any) -> None:
+    """Strip what changes from run to run or machine to machine, so diffs show real changes."""
+    home = str(Path.home())
+    root = str(REPO_ROOT)
+    nb.metadata.pop("papermill", None)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        cell.metadata.pop("papermill", None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.outputs:
+            if out.get("output_type") == "stream":
+                text = _ANSI.sub("", out.get("text", ""))
+                # tqdm's bars and library warnings are noise in a committed notebook
+                lines = [ln for ln in text.splitlines(keepends=True)
+                         if not re.search(r"\d+%\|.*\|", ln) and "Warning:" not in ln and "warnings.warn" not in ln]
+                text = "".join(lines).replace(root, "<repo>").replace(home, "~")
+                if not text.strip():
+                    continue
+                out["text"] = text
+            elif "data" in out:
+                for mime in ("text/plain", "text/html"):
+                    if mime in out["data"] and isinstance(out["data"][mime], str):
+                        out["data"][mime] = out["data"][mime].replace(root, "<repo>").replace(home, "~")
+            kept.append(out)
+        cell.outputs = kept
+
+
+def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False) -> float:
+    """Run a notebook top to bottom in its folder, clean it and write it back; returns seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    env_before = os.environ.get("ESNB_SMOKE")
+    os.environ["ESNB_SMOKE"] = "1" if smoke else "0"
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if env_before is None:
+            os.environ.pop("ESNB_SMOKE", None)
+        else:
+            os.environ["ESNB_SMOKE"] = env_before
+    seconds = time.perf_counter() - start
+    clean_notebook(nb)
+    tmp = path.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, str(tmp))
+    os.replace(tmp, path)
+    return seconds
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebooks with papermill and summarize")
+    run.add_argument("--smoke", action="store_true", help="quick CI-sized version of every notebook")
+    run.add_argument("--only", nargs="+", metavar="NN", help="notebook numbers (or name prefixes) to run")
+    run.add_argument("--output", type=Path, default=None, help="folder for executed notebooks (default runs/<time>)")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="set a notebook parameter, e.g. -p seed 1 (only notebooks that declare it get it)")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
+    run.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
+
+    ex = sub.add_parser("execute", help="execute notebooks in place and strip run noise (for committing)")
+    ex.add_argument("paths", nargs="+", type=Path)
+    ex.add_argument("--smoke", action="store_true", help="execute in smoke mode (default: full)")
+    ex.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+
+    args = parser.parse_args(argv)
+    if args.command == "execute":
+        for path in args.paths:
+            if not path.exists():
+                parser.error(f"no such notebook: {path}")
+            seconds = execute_in_place(path, timeout=args.timeout, smoke=args.smoke)
+            print(f"{path.name}: executed in {seconds:.1f} s")
+        return 0
+
+    try:
+        notebooks = find_notebooks(args.notebooks, args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not notebooks:
+        parser.error(f"no notebooks found in {args.notebooks}")
+    params = {name: parse_value(value) for name, value in args.parameter}
+    declared_anywhere = set()
+    for nb in notebooks:
+        declared_anywhere |= set(declared_parameters(nb))
+    unknown = sorted(set(params) - declared_anywhere)
+    if unknown:
+        parser.error(f"parameter(s) {', '.join(unknown)} not declared by any selected notebook")
+    output = args.output or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    outcomes = run_suite(notebooks, output, params, smoke=args.smoke, kernel=args.kernel)
+    print()
+    print(summary_table(outcomes))
+    failed = [o for o in outcomes if o.status != "ok"]
+    total = sum(o.seconds for o in outcomes)
+    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} notebooks ran in {total:.0f} s; executed copies in {output}")
+    return 1 if failed else 0
