@@ -1,0 +1,72 @@
+"""Figures shared by the notebooks (matplotlib only; every function draws onto an axes it is given or makes)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .landscapes import Landscape
+
+
+def landscape_contours(ax: plt.Axes, land: Landscape, resolution: int = 200, levels: int = 30) -> None:
+    """Filled log-scale contours of a 2-D landscape with its minimum marked."""
+    xs = torch.linspace(*land.xlim, resolution, dtype=torch.float64)
+    ys = torch.linspace(*land.ylim, resolution, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+    z = land.value(grid).numpy()
+    ax.contourf(xs.numpy(), ys.numpy(), np.log1p(z - z.min()), levels=levels, cmap="viridis", alpha=0.85)
+    ax.plot(*land.minimum, marker="*", color="white", markersize=14, markeredgecolor="black", label="minimum")
+    ax.set_xlim(*land.xlim)
+    ax.set_ylim(*land.ylim)
+    ax.set_aspect("equal")
+    ax.set_xlabel("$\\theta_1$")
+    ax.set_ylabel("$\\theta_2$")
+
+
+def population_snapshots(land: Landscape, snapshots: Sequence[dict], title: str = "") -> plt.Figure:
+    """One panel per snapshot: contours, the population cloud, and the path of theta so far.
+
+    Each snapshot is ``{"iteration", "theta", "population", "path"}`` (tensors / arrays).
+    """
+    fig, axes = plt.subplots(1, len(snapshots), figsize=(3.6 * len(snapshots), 3.6), squeeze=False)
+    for ax, snap in zip(axes[0], snapshots):
+        landscape_contours(ax, land)
+        pop = np.asarray(snap["population"])
+        path = np.asarray(snap["path"])
+        ax.scatter(pop[:, 0], pop[:, 1], s=10, color="tab:orange", edgecolor="black", linewidth=0.3, label="population")
+        ax.plot(path[:, 0], path[:, 1], color="white", linewidth=1.2, label="path of $\\theta$")
+        ax.plot(*np.asarray(snap["theta"]), marker="o", color="red", markersize=6, label="$\\theta$")
+        ax.set_title(f"iteration {snap['iteration']}")
+    axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(curves: dict[str, Sequence[float]], xlabel: str = "iteration", ylabel: str = "reward",
+                    title: str = "", ax: plt.Axes | None = None, logy: bool = False) -> plt.Axes:
+    """Several named curves on one axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in curves.items():
+        ax.plot(np.arange(len(ys)), np.asarray(ys, dtype=float), label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def mean_band(ax: plt.Axes, x: Sequence[float], runs: np.ndarray, label: str, color: str | None = None) -> None:
+    """Mean over runs (rows) with a band of +/- one standard deviation."""
+    runs = np.asarray(runs, dtype=float)
+    mean, std = runs.mean(0), runs.std(0)
+    line, = ax.plot(x, mean, label=label, color=color)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
