@@ -4,11 +4,26 @@ The paper's first memory trick: a population member is *an integer*. Its noise i
 from that seed whenever it is needed (to perturb, and again to build the update), so N members
 never cost N copies of the model. Every parameter tensor gets its own random stream, derived from
 (seed, tensor index), so that the noise of one layer is independent of the next one's.
+
+The second trick: perturb in place, one tensor at a time, and restore *by copy* from a master
+copy of the weights rather than by subtracting the noise again. Subtraction does not undo the
+rounding of ``w + sigma*eps`` in bf16 (see :func:`add_noise_`, kept only to show that drift).
+
+Memory (P = number of parameters, b = bytes per working element, 2 for bf16, 4 for fp32):
+
+* the model itself: ``P*b``;
+* the master copy: ``4*P`` (float32; ``8*P`` for a float64 model), on the model's device or, with
+  ``master_device="cpu"``, in host memory (then every perturb/restore moves each tensor over the
+  bus once);
+* transient: the noise of *one* tensor (``4 * largest tensor``), whatever the population size.
+
+A bf16 model of P parameters therefore needs ``2P + 4P`` bytes plus one layer, against
+``2P + N*4P`` if N noise vectors were stored.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -135,3 +150,52 @@ class ParameterSet:
 
     def flat_master(self) -> torch.Tensor:
         return torch.cat([m.reshape(-1) for m in self.master])
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes held by the master copy (what exact restore costs)."""
+        return sum(m.numel() * m.element_size() for m in self.master)
+
+    @property
+    def working_bytes(self) -> int:
+        """Bytes of the working tensors (the model's own parameters)."""
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+
+@contextmanager
+def perturbed(model: nn.Module | torch.Tensor | Iterable[torch.Tensor] | ParameterSet, seed: int, sigma: float,
+              master_device: str | torch.device | None = None) -> Iterator[ParameterSet]:
+    """Inside the block every parameter is ``w + sigma * eps(seed)``; on exit it is ``w`` again, bit-exactly.
+
+    Works in place, layer by layer (one noise tensor alive at a time), in any dtype, and restores
+    also when the body raises. ``model`` may be a module, tensors, or a :class:`ParameterSet`; given a
+    ParameterSet its master copy is reused, otherwise a master copy (float32, or float64 for a
+    float64 model) is made on entry and dropped on exit: in a loop over a population build the
+    ParameterSet once (as :class:`esnb.es.ES` does) instead of paying that copy per member.
+
+    Yields the ParameterSet, whose ``master`` holds the unperturbed weights.
+    """
+    ps = model if isinstance(model, ParameterSet) else ParameterSet(model, master_device=master_device)
+    with ps.perturbed(seed, sigma):
+        yield ps
+
+
+@torch.no_grad()
+def add_noise_(model: nn.Module | torch.Tensor | Iterable[torch.Tensor], seed: int, scale: float) -> None:
+    """``w += scale * eps(seed)`` in the working dtype, tensor by tensor: the *naive* perturbation.
+
+    Calling it again with ``-scale`` is the "subtract to restore" scheme that does **not** give the
+    weights back in bf16 (each add rounds); it is here so that notebooks and tests can measure that
+    drift against :func:`perturbed`. Noise is the same stream as :func:`noise_like` uses.
+    """
+    for i, (_, p) in enumerate(named_parameters_of(model)):
+        eps = noise_like(p, seed, i)
+        p.add_(eps.mul_(scale).to(p.dtype))
+
+
+def noise_correlation(shape: Sequence[int], seed_a: int, index_a: int, seed_b: int, index_b: int) -> float:
+    """Pearson correlation of the noise of (seed_a, tensor index_a) and (seed_b, index_b), same shape."""
+    like = torch.empty(tuple(shape))
+    a = noise_like(like, seed_a, index_a, dtype=torch.float64).reshape(-1)
+    b = noise_like(like, seed_b, index_b, dtype=torch.float64).reshape(-1)
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])

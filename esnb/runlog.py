@@ -1,0 +1,275 @@
+"""A run is its seed log: initial state + one JSONL line per iteration, replayable bit-exactly.
+
+ES never needs the noise vectors after the fact: an iteration is fully described by its member
+seeds, their signs and the shaped fitness weights (``ES.history`` keeps exactly these). So a run
+directory holds
+
+* ``initial.pt`` — ``ES.state_dict()`` when logging started (master weights, optimizer state,
+  iteration; usually iteration 0),
+* ``config.json`` — the ``ESConfig`` (plus any extra metadata you pass),
+* ``log.jsonl`` — one line per iteration: ``{"iteration", "seeds", "signs", "weights", ...}``,
+
+and :func:`replay` rebuilds the weights of any iteration by calling ``ES.apply_update`` on each
+line in order — the same code the live run called, with the same float64 weights (JSON writes
+Python floats in their shortest round-trip form), so the result is identical bit for bit and no
+model is evaluated. The log grows by about ``30 bytes x N`` per iteration, whatever the model size.
+
+Checkpoints (:func:`save_checkpoint`) are written to a temporary file in the same folder and then
+renamed over the target with ``os.replace``, which is atomic: a crash leaves the old checkpoint or
+the new one, never half a file. Resume = ``load_checkpoint`` + ``ES.load_state_dict`` +
+``RunLog.open(..., resume_at=iteration)`` (drops log lines past the checkpoint).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .es import ES, ESConfig
+
+INITIAL = "initial.pt"
+CONFIG = "config.json"
+LOG = "log.jsonl"
+
+# What a log line must hold for a replay; the rest of a history entry (reward statistics) is kept
+# as information.
+REPLAY_KEYS = ("iteration", "seeds", "signs", "weights")
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, then ``os.replace`` it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` (e.g. ``{"es": es.state_dict(), "rng": ...}``) with ``torch.save``, atomically."""
+    return _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors, numbers, strings, lists, dicts only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """JSON, atomically."""
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+# ---------------------------------------------------------------- the log
+
+
+def log_line(entry: dict) -> str:
+    """One JSON line for a history entry; the replay keys are required, other JSON-able keys are kept."""
+    missing = [k for k in REPLAY_KEYS if k not in entry]
+    if missing:
+        raise ValueError(f"log entry lacks {missing} (needs {list(REPLAY_KEYS)})")
+    out = {k: entry[k] for k in REPLAY_KEYS}
+    for k, v in entry.items():
+        if k not in out and isinstance(v, (int, float, str, bool, type(None))):
+            out[k] = v
+    out["seeds"] = [int(s) for s in out["seeds"]]
+    out["signs"] = [int(s) for s in out["signs"]]
+    out["weights"] = [float(w) for w in out["weights"]]
+    if not len(out["seeds"]) == len(out["signs"]) == len(out["weights"]):
+        raise ValueError(f"iteration {out['iteration']}: seeds, signs and weights differ in length")
+    return json.dumps(out, separators=(",", ":"))
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The entries of a ``log.jsonl``. A last line cut off by a crash (no newline) is dropped with a
+    warning; any other bad line raises ``ValueError`` naming the file and line."""
+    path = Path(path)
+    text = path.read_text()
+    lines = text.split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline
+    entries = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        missing = [k for k in REPLAY_KEYS if k not in e]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: log line lacks {missing}")
+        entries.append(e)
+    if tail.strip():
+        warnings.warn(f"{path}:{len(lines) + 1}: incomplete last line dropped (interrupted write)")
+    for a, b in zip(entries, entries[1:]):
+        if b["iteration"] != a["iteration"] + 1:
+            raise ValueError(f"{path}: iteration {b['iteration']} follows {a['iteration']} (lines out of order or missing)")
+    return entries
+
+
+class RunLog:
+    """Append-only seed log of an ES run in ``directory``.
+
+    ``RunLog.create(dir, es)`` writes the initial state and config; then ``log.append(es.tell(r))``
+    after every iteration (each line is flushed, so a crash loses at most the line being written).
+    ``RunLog.open(dir, resume_at=k)`` continues a run whose checkpoint is at iteration ``k``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, _file: io.TextIOBase, next_iteration: int):
+        self.directory = Path(directory)
+        self._file = _file
+        self.next_iteration = next_iteration
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, es: ES, metadata: dict | None = None, overwrite: bool = False) -> "RunLog":
+        directory = Path(directory)
+        if (directory / LOG).exists() and not overwrite:
+            raise FileExistsError(f"{directory / LOG} exists; pass overwrite=True or RunLog.open() to continue it")
+        directory.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(directory / INITIAL, es.state_dict())
+        write_json(directory / CONFIG, {"config": es.config.to_dict(), "names": list(es.params.names),
+                                        "start_iteration": es.iteration, **(metadata or {})})
+        f = open(directory / LOG, "w")
+        return cls(directory, f, es.iteration)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, resume_at: int | None = None) -> "RunLog":
+        """Reopen for appending. With ``resume_at=k`` lines for iterations >= k (written after the
+        checkpoint you resume from) are dropped, so the log and the weights agree again."""
+        directory = Path(directory)
+        path = directory / LOG
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            entries = read_log(path)
+        start = json.loads((directory / CONFIG).read_text()).get("start_iteration", 0)
+        if resume_at is not None:
+            if resume_at < start:
+                raise ValueError(f"resume_at={resume_at} is before the log's first iteration {start}")
+            entries = [e for e in entries if e["iteration"] < resume_at]
+            have = entries[-1]["iteration"] + 1 if entries else start
+            if have != resume_at:
+                raise ValueError(f"{path} ends at iteration {have - 1}; cannot resume at {resume_at}")
+        # Rewrite the kept lines (atomically) so that a cut-off or stale tail is gone.
+        body = "".join(log_line(e) + "\n" for e in entries).encode()
+        _atomic_write(path, lambda f: f.write(body))
+        nxt = entries[-1]["iteration"] + 1 if entries else start
+        return cls(directory, open(path, "a"), nxt)
+
+    def append(self, entry: dict) -> None:
+        """Write one iteration (a ``tell`` return value or a ``history`` entry)."""
+        if entry["iteration"] != self.next_iteration:
+            raise ValueError(f"expected iteration {self.next_iteration}, got {entry['iteration']}")
+        self._file.write(log_line(entry) + "\n")
+        self._file.flush()
+        self.next_iteration += 1
+
+    def extend(self, entries: Iterable[dict]) -> None:
+        for e in entries:
+            self.append(e)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def save_run(directory: str | os.PathLike, initial_state: dict, history: Iterable[dict], metadata: dict | None = None) -> Path:
+    """Write a finished run after the fact: ``initial_state`` (``es.state_dict()`` taken before the
+    first ``tell``) and ``es.history``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(directory / INITIAL, initial_state)
+    write_json(directory / CONFIG, {"config": initial_state["config"], "start_iteration": int(initial_state["iteration"]),
+                                    **(metadata or {})})
+    body = "".join(log_line(e) + "\n" for e in history).encode()
+    _atomic_write(directory / LOG, lambda f: f.write(body))
+    return directory
+
+
+def load_run(directory: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(initial state, log entries) of a run directory."""
+    directory = Path(directory)
+    return load_checkpoint(directory / INITIAL), read_log(directory / LOG)
+
+
+def run_size(directory: str | os.PathLike) -> dict[str, int]:
+    """Bytes on disk of each file of a run directory."""
+    directory = Path(directory)
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+# ---------------------------------------------------------------- replay
+
+
+def replay(run: str | os.PathLike | tuple[dict, list[dict]], params: nn.Module | torch.Tensor | Iterable[torch.Tensor] | None = None,
+           until: int | None = None, master_device: str | torch.device | None = None) -> ES:
+    """Rebuild the weights of a logged run without evaluating anything.
+
+    ``run`` is a run directory or ``(initial_state, entries)``. ``params`` is what to write the
+    weights into (a module of the run's architecture, or tensors); without it, fresh tensors
+    shaped like the initial master are used (``es.params.master`` then holds the result).
+    ``until=k`` stops before iteration ``k``. Returns the ES, ready to continue the run.
+    """
+    initial, entries = load_run(run) if not isinstance(run, tuple) else run
+    config = ESConfig(**{**initial["config"], "adam_betas": tuple(initial["config"]["adam_betas"])})
+    if params is None:
+        params = [m.detach().clone() for m in initial["master"]]
+    es = ES(params, config, master_device=master_device)
+    es.load_state_dict(initial)
+    for e in entries:
+        if e["iteration"] < es.iteration:
+            continue
+        if until is not None and e["iteration"] >= until:
+            break
+        if e["iteration"] != es.iteration:
+            raise ValueError(f"log jumps from iteration {es.iteration} to {e['iteration']}")
+        es.apply_update(e["seeds"], e["signs"], e["weights"])
+        es.iteration += 1
+        es.history.append(e)
+    return es
+
+
+def max_abs_diff(a: nn.Module | Iterable[torch.Tensor], b: nn.Module | Iterable[torch.Tensor]) -> float:
+    """Largest elementwise |a - b| over matching tensors (0.0 means bit-identical values)."""
+    ta = list(a.parameters()) if isinstance(a, nn.Module) else list(a)
+    tb = list(b.parameters()) if isinstance(b, nn.Module) else list(b)
+    if len(ta) != len(tb):
+        raise ValueError(f"{len(ta)} tensors vs {len(tb)}")
+    return max((float((x.detach().double() - y.detach().double().to(x.device)).abs().max()) for x, y in zip(ta, tb)), default=0.0)
+
+
+def bit_equal(a: nn.Module | Iterable[torch.Tensor], b: nn.Module | Iterable[torch.Tensor]) -> bool:
+    """True when every tensor pair is identical bit for bit (same dtype and bytes)."""
+    ta = list(a.parameters()) if isinstance(a, nn.Module) else list(a)
+    tb = list(b.parameters()) if isinstance(b, nn.Module) else list(b)
+    return len(ta) == len(tb) and all(x.dtype == y.dtype and torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(ta, tb))
