@@ -171,7 +171,8 @@ class SGD:
         return grad * self.alpha
 
     def state_dict(self) -> dict:
-        return {"velocity": dict(self.velocity)}
+        # Clones: the live tensors are updated in place, a saved state must not change with them.
+        return {"velocity": {k: v.clone() for k, v in self.velocity.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.velocity = {int(k): v.clone() for k, v in state.get("velocity", {}).items()}
@@ -202,7 +203,7 @@ class Adam:
         return self.alpha * m_hat / (v_hat.sqrt() + self.eps)
 
     def state_dict(self) -> dict:
-        return {"m": dict(self.m), "v": dict(self.v), "t": self.t}
+        return {"m": {k: t.clone() for k, t in self.m.items()}, "v": {k: t.clone() for k, t in self.v.items()}, "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         self.m = {int(k): t.clone() for k, t in state["m"].items()}
@@ -380,7 +381,7 @@ class ES:
 
 
 def es_gradient(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, sigma: float, population_size: int,
-                generator: torch.Generator | None = None, antithetic: bool = False, shaping: str = "raw") -> torch.Tensor:
+                generator: torch.Generator | None = None, antithetic: bool = False, shaping: str = "zscore") -> torch.Tensor:
     """The ES estimate of grad E[f(theta + sigma eps)] = (1/(N sigma)) sum_n w_n eps_n, for a flat theta.
 
     With ``shaping="raw"`` this is an unbiased estimate of the gradient of the Gaussian-smoothed
