@@ -28,7 +28,7 @@ def smoke_mode(flag: bool | None = None) -> bool:
     return os.environ.get("ESNB_SMOKE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def record(name: str, value: Any) -> Any:
+def record(name: str, value: Any) -> None:
     """Show a headline number and leave it where ``python -m esnb run`` can collect it."""
     if isinstance(value, float) and not math.isfinite(value):
         shown = str(value)
@@ -42,7 +42,6 @@ def record(name: str, value: Any) -> Any:
         display({RECORD_MIME: {"name": name, "value": value}, "text/plain": f"{name} = {shown}"}, raw=True)
     except ImportError:  # plain Python: printing is enough
         print(f"{name} = {shown}")
-    return value
 
 
 def read_records(nb: dict) -> dict[str, Any]:

@@ -79,3 +79,25 @@ def get_landscape(name: str) -> Landscape:
         return LANDSCAPES[name]
     except KeyError:
         raise ValueError(f"unknown landscape {name!r}; choose one of {sorted(LANDSCAPES)}") from None
+
+
+def run_es(land: Landscape, config, iterations: int, start: tuple[float, float] | None = None,
+           snapshot_at: tuple[int, ...] = ()) -> dict:
+    """Run ES on a landscape; returns the path of theta, the value per iteration and snapshots.
+
+    ``snapshot_at`` lists iterations at which to keep the population (for cloud plots).
+    """
+    from .es import ES
+
+    theta = torch.tensor(start or land.start, dtype=torch.float64)
+    es = ES(theta, config)
+    path, values, snapshots = [es.theta.clone()], [float(land.value(es.theta))], []
+    for it in range(iterations):
+        pop = es.population()
+        if it in snapshot_at:
+            snapshots.append({"iteration": it, "theta": es.theta.clone(), "population": pop.clone(),
+                              "path": torch.stack(path).clone()})
+        es.tell(land.reward(pop))
+        path.append(es.theta.clone())
+        values.append(float(land.value(es.theta)))
+    return {"path": torch.stack(path), "values": values, "snapshots": snapshots, "es": es}
