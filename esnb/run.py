@@ -2,6 +2,7 @@
 
     python -m esnb run [--smoke] [--only 01 05 ...] [--output DIR] [-p NAME VALUE ...]
     python -m esnb execute notebooks/01_es_in_two_dimensions.ipynb [...]
+    python -m esnb doctor
 """
 from __future__ import annotations
 
@@ -71,18 +72,19 @@ def _describe_failure(exc: BaseException, nb_path: Path) -> str:
     cell = "?"
     try:
         nb = json.loads(nb_path.read_text())
-        code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        for i, c in enumerate(code_cells):
+        # Count code cells as the author sees them: without papermill's injected-parameters cell.
+        code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"
+                      and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+        for i, c in enumerate(code_cells, start=1):
             if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
-                cell = str(c.get("execution_count") or f"#{i}")
                 first = "".join(c["source"]).strip().splitlines()[:1]
-                cell += f" ({first[0][:60]!r})" if first else ""
+                cell = f"{i}" + (f" ({first[0][:60]!r})" if first else "")
                 break
     except (OSError, ValueError, KeyError):
         pass
     ename = getattr(exc, "ename", type(exc).__name__)
     evalue = getattr(exc, "evalue", str(exc))
-    return f"cell {cell}: {ename}: {str(evalue).strip().splitlines()[-1] if str(evalue).strip() else ''}"
+    return f"code cell {cell}: {ename}: {str(evalue).strip().splitlines()[-1] if str(evalue).strip() else ''}"
 
 
 def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any], smoke: bool,
@@ -164,6 +166,9 @@ def clean_notebook(nb: Any) -> None:
     root = str(REPO_ROOT)
     nb.metadata.pop("papermill", None)
     nb.metadata.pop("widgets", None)
+    nb.metadata.pop("jupytext", None)
+    # papermill needs to know the kernel; notebooks made from scripts may not say
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"})
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("papermill", None)
@@ -232,7 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--smoke", action="store_true", help="execute in smoke mode (default: full)")
     ex.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
 
+    sub.add_parser("doctor", help="check the environment: packages, device, offline models")
+
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main()
     if args.command == "execute":
         for path in args.paths:
             if not path.exists():
