@@ -1,0 +1,274 @@
+"""Countdown: the safe reward, the generator, the shipped split and the loader."""
+import json
+import random
+import time
+from fractions import Fraction
+
+import pytest
+
+from esnb.tasks import Task, get_task
+from esnb.tasks import countdown as cd
+
+NUMS, TARGET = [44, 19, 35], "98"   # 44 + 19 + 35 = 98
+GOOD = "44+19=63,63+35=98</think>\n<answer>(44 + 19) + 35</answer>"
+
+
+def ans(expr: str) -> str:
+    return f"x</think>\n<answer>{expr}</answer>"
+
+
+def test_perfect_completion_scores_1_1():
+    r = cd.reward(GOOD, NUMS, TARGET)
+    assert r == {"reward": pytest.approx(1.1), "format_reward": 1.0, "answer_reward": 1.0}
+
+
+@pytest.mark.parametrize("completion, fmt", [
+    ("x</think>\n<answer>1</answer>", 1.0),
+    ("x</think>\n<answer>1</answer>\n", 1.0),        # the paper's `$` allows one final newline
+    ("x</think><answer>1</answer>", 0.6),            # no newline between the blocks
+    ("x</think>\n<answer>1</answer> trailing", 0.6),
+    ("x</think>\n<answer>1", 0.1),
+    ("x</think>", 0.1),
+    ("<answer>1</answer>", 0.5),                      # the prompt's <think> is never closed
+    ("", 0.0),
+    ("just text", 0.0),
+])
+def test_format_reward(completion, fmt):
+    assert cd.format_reward(completion) == pytest.approx(fmt)
+
+
+def test_reward_is_point_one_format_plus_answer():
+    r = cd.reward("no think<answer>44+19+35</answer>", NUMS, TARGET)
+    assert r["format_reward"] == 0.5 and r["answer_reward"] == 1.0
+    assert r["reward"] == pytest.approx(0.05 + 1.0)
+
+
+@pytest.mark.parametrize("expr, ok", [
+    ("44+19+35", True),
+    (" ( 44 + 19 ) + 35 ", True),
+    ("35+19+44", True),
+    ("44+19+35\n", True),            # one trailing newline passes the paper's check
+    ("44+19", False),                # a number unused
+    ("44+19+35+35", False),          # a number twice
+    ("44+19+36", False),             # a number not given
+    ("44+19+35-0", False),           # an extra number
+    ("98", False),
+    ("44+19+35=98", False),          # '=' is not allowed
+    ("44 + 19 + 35.0", False),
+    ("44**1+19+35", False),
+    ("44//1+19+35", False),
+    ("044+19+35", False),            # Python rejects leading zeros, so does the paper's eval
+    ("(44+19+35", False),
+    ("44+19+35)", False),
+    ("44 19 35", False),
+    ("", False),
+    ("   ", False),
+    ("\n44+19+35", False),
+])
+def test_answer_reward(expr, ok):
+    assert cd.answer_reward(ans(expr), NUMS, TARGET) == (1.0 if ok else 0.0)
+
+
+def test_unary_minus_follows_python_semantics():
+    # the paper's checker is Python's eval, which accepts unary signs; so do we
+    assert cd.answer_reward(ans("-(19-44)+35+0*1"), NUMS, "60") == 0.0  # extra numbers
+    assert cd.answer_reward(ans("-(19-44)-35"), [44, 19, 35], "-10") == 1.0
+    assert cd.answer_reward(ans("--44+19+35"), NUMS, TARGET) == 1.0
+    assert cd.evaluate_expression("-" * 1000 + "1") is None     # too deep, not an error
+
+
+def test_fractions_and_tolerance():
+    assert cd.answer_reward(ans("(1+2)/4"), [1, 2, 4], "0.75") == 1.0
+    assert cd.answer_reward(ans("10/3"), [10, 3], "3.333333") == 1.0   # within 1e-5
+    assert cd.answer_reward(ans("10/3"), [10, 3], "3.3333") == 0.0
+    assert cd.answer_reward(ans("3-10"), [3, 10], "-7") == 1.0          # negative target
+    assert cd.evaluate_expression("1/3*3") == Fraction(1)                # exact
+
+
+def test_last_answer_counts():
+    first_right = "x</think>\n<answer>44+19+35</answer><answer>44+19-35</answer>"
+    last_right = "x</think>\n<answer>44+19-35</answer><answer>44+19+35</answer>"
+    assert cd.answer_reward(first_right, NUMS, TARGET) == 0.0
+    assert cd.answer_reward(last_right, NUMS, TARGET) == 1.0
+
+
+ADVERSARIAL = [
+    "44**19**35",
+    "9**9**9**9",
+    "(" * 10_000 + "44+19+35" + ")" * 10_000,
+    "(" * 100 + "44+19+35" + ")" * 100,
+    "1" * 1_000_000,
+    "44+19+35" + " " * 1_000_000,
+    "44/0+19+35",
+    "44/(19-19)+35",
+    "٣+4",                              # Arabic-Indic digit three
+    "４４+19+35",                        # full-width digits
+    "44+19+35\u00a0",                   # non-breaking space
+    "__import__('os').system('echo hi')",
+    "().__class__.__bases__[0].__subclasses__()",
+    "lambda: 0",
+    "44 if 1 else 19",
+    "[44,19,35]",
+    "44+19+35;import os",
+    "1e308*1e308",
+    "0x2C+19+35",
+    "44+19+35j",
+    "\x00",
+    "+" * 100_000,
+    "-(" * 5_000 + "1" + ")" * 5_000,
+    "99" * 200,
+    "",
+]
+
+
+@pytest.mark.parametrize("expr", ADVERSARIAL, ids=lambda s: repr(s[:24]))
+def test_adversarial_answers_are_zero_and_fast(expr):
+    start = time.perf_counter()
+    r = cd.reward(ans(expr), NUMS, TARGET)
+    assert time.perf_counter() - start < 0.5
+    assert r["answer_reward"] == 0.0
+
+
+@pytest.mark.parametrize("completion", [
+    "<answer>" * 200_000,                          # quadratic for a naive lazy regex
+    "<answer>44+19+35</answer>" * 50_000,          # a megabyte of answers: the last one counts
+    "</think>\n" * 100_000,
+    "x" * 2_000_000,
+    "\ud800 broken surrogate <answer>1</answer>",
+])
+def test_huge_or_odd_completions_are_fast(completion):
+    start = time.perf_counter()
+    r = cd.reward(completion, NUMS, TARGET)
+    assert time.perf_counter() - start < 0.5
+    assert set(r) == {"reward", "format_reward", "answer_reward"}
+
+
+def test_non_string_completion_scores_zero():
+    for bad in (None, 42, b"<answer>44+19+35</answer>", ["x"]):
+        assert cd.reward(bad, NUMS, TARGET)["reward"] == 0.0
+
+
+def test_random_garbage_never_raises():
+    rng = random.Random(0)
+    alphabet = "0123456789+-*/() <>answerthink/\n٣.e"
+    for _ in range(2000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        r = cd.reward(s, NUMS, TARGET)
+        assert 0.0 <= r["reward"] <= 1.1
+
+
+def test_bad_target_is_the_callers_error():
+    with pytest.raises(ValueError, match="target"):
+        cd.reward(GOOD, NUMS, "ninety-eight")
+
+
+# --------------------------------------------------------------------------- generator, split
+
+def test_generator_is_deterministic_and_solutions_check():
+    a = cd.generate_puzzles(200, seed=7)
+    b = cd.generate_puzzles(200, seed=7)
+    assert a == b and a != cd.generate_puzzles(200, seed=8)
+    for p in a:
+        assert len(p["numbers"]) in (3, 4) and all(1 <= x <= 99 for x in p["numbers"])
+        assert cd.evaluate_expression(p["solution"]) == Fraction(p["target"])
+        assert cd.reward(cd.solution_trace(p), p["numbers"], p["target"])["reward"] == pytest.approx(1.1)
+    assert len({cd.puzzle_key(p) for p in a}) == len(a)
+
+
+def test_shipped_split_matches_generator_and_has_no_overlap():
+    train, test = cd.load_split()
+    assert (len(train), len(test)) == (cd.N_TRAIN, cd.N_TEST)
+    assert not {cd.puzzle_key(p) for p in train} & {cd.puzzle_key(p) for p in test}
+    fresh_train, fresh_test = cd.make_split()
+    assert [p["id"] for p in train] == [p["id"] for p in fresh_train]
+    assert train[:5] == fresh_train[:5] and test[-5:] == fresh_test[-5:]
+    for p in train + test:
+        assert set(p) >= {"id", "context", "numbers", "target", "solution"}
+        assert isinstance(p["target"], str) and p["context"].endswith("<think>")
+        assert cd.reward(cd.solution_trace(p), p["numbers"], p["target"])["answer_reward"] == 1.0
+
+
+# --------------------------------------------------------------------------- loader
+
+PAPER_ITEMS = [
+    {"id": 0, "context": "ctx", "numbers": [10, 20, 30], "target": "60", "solution": "10+20+30"},
+    {"id": 1, "context": "ctx", "numbers": [3, 4], "target": "-1", "solution": "3-4"},
+    {"id": 2, "context": "ctx", "numbers": [3, 4], "target": "0.75", "solution": "3/4"},
+]
+
+
+def test_load_paper_schema_json_list_and_jsonl(tmp_path):
+    js = tmp_path / "countdown.json"
+    js.write_text(json.dumps(PAPER_ITEMS, indent=2))
+    jl = tmp_path / "countdown.jsonl"
+    jl.write_text("\n".join(json.dumps(x) for x in PAPER_ITEMS) + "\n\n")
+    for path in (js, jl):
+        items = cd.load_puzzles(path)
+        assert [x["target"] for x in items] == ["60", "-1", "0.75"]
+        assert items[0]["context"] == "ctx" and items[2]["numbers"] == [3, 4]
+        task = get_task("countdown")
+        assert task.prompt(items[0]) == "ctx"      # the paper's own prompt text wins
+        assert task.score("x</think>\n<answer>3/4</answer>", items[2])["correct"]
+
+
+def test_numeric_targets_are_accepted_as_strings(tmp_path):
+    p = tmp_path / "n.jsonl"
+    p.write_text(json.dumps({"numbers": [1, 2], "target": 3}) + "\n")
+    items = cd.load_puzzles(p)
+    assert items[0]["target"] == "3" and items[0]["id"] == "n-00000"
+
+
+@pytest.mark.parametrize("content, where", [
+    ('{"numbers": [1, 2], "target": "3"}\n{"numbers": [1, 2], "target": \n', "line 2"),
+    ('{"numbers": [1, 2], "target": "3"}\n{"target": "3"}\n', "line 2"),
+    ('{"numbers": [1, 2], "target": "3"}\n\n{"numbers": "12", "target": "3"}\n', "line 3"),
+    ('{"numbers": [1, 2.5], "target": "3"}\n', "line 1"),
+    ('{"numbers": [1, 2], "target": "three"}\n', "line 1"),
+    ('[1, 2]\n', "item 0"),
+    ('[{"numbers": [1, 2], "target": "3"}, {"numbers": [1]}]', "item 1"),
+    ('[{"numbers": [1, 2], "target": "3"},', "line 1"),
+    ('', "no puzzles"),
+])
+def test_malformed_files_name_file_and_place(tmp_path, content, where):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        cd.load_puzzles(path)
+    assert "bad.jsonl" in str(e.value) and where in str(e.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="nope.jsonl"):
+        cd.load_puzzles(tmp_path / "nope.jsonl")
+
+
+# --------------------------------------------------------------------------- task and prompts
+
+def test_task_protocol_and_prompt_styles():
+    p = {"numbers": [44, 19, 35], "target": "98"}
+    for style in ("plain", "chat", "compact"):
+        assert isinstance(get_task("countdown", prompt_style=style), Task)
+    plain = get_task("countdown").prompt(p)
+    assert plain.endswith("<think>") and "[44, 19, 35]" in plain and "98" in plain
+    assert get_task("countdown", prompt_style="compact").prompt(p) == "44 19 35>98<think>"
+    s = get_task("countdown").score(GOOD, p)
+    assert s["correct"] is True and s["reward"] == pytest.approx(1.1)
+    assert get_task("countdown").score("x</think>\n<answer>1</answer>", p)["correct"] is False
+    with pytest.raises(ValueError, match="prompt_style"):
+        get_task("countdown", prompt_style="fancy")
+    with pytest.raises(ValueError, match="name"):
+        get_task("chess")
+
+
+def test_chat_prompt_uses_the_template():
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, continue_final_message):
+            assert not tokenize and continue_final_message
+            return "|".join(f"{m['role']}:{m['content']}" for m in messages)
+
+    text = get_task("countdown", prompt_style="chat").prompt({"numbers": [1, 2], "target": "3"}, Tok())
+    assert text.startswith("system:") and text.endswith("<think>") and "[1, 2]" in text
+    with pytest.raises(ValueError, match="tokenizer"):
+        get_task("countdown", prompt_style="chat").prompt({"numbers": [1, 2], "target": "3"}, None)
