@@ -88,6 +88,7 @@ def test_every_course_notebook_has_parameters_and_smoke():
         assert "smoke" in params and "seed" in params, f"{path.name} needs smoke and seed parameters"
         text = path.read_text()
         assert "/work/" not in text and "/root/" not in text, f"{path.name} output holds a machine path"
+        assert " object at 0x" not in text, f"{path.name} output holds a memory address"
 
 
 def test_papermill_rerun_of_a_course_notebook(tmp_path):
