@@ -126,6 +126,7 @@ class ParameterSet:
         for i, (p, m) in enumerate(zip(self.params, self.master)):
             eps = noise_like(m, seed, i)
             p.copy_(eps.mul_(sigma).add_(m))
+            del eps  # free this layer's noise before the next one is drawn: one noise tensor at a time
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -191,6 +192,7 @@ def add_noise_(model: nn.Module | torch.Tensor | Iterable[torch.Tensor], seed: i
     for i, (_, p) in enumerate(named_parameters_of(model)):
         eps = noise_like(p, seed, i)
         p.add_(eps.mul_(scale).to(p.dtype))
+        del eps
 
 
 def noise_correlation(shape: Sequence[int], seed_a: int, index_a: int, seed_b: int, index_b: int) -> float:

@@ -70,3 +70,65 @@ def mean_band(ax: plt.Axes, x: Sequence[float], runs: np.ndarray, label: str, co
     mean, std = runs.mean(0), runs.std(0)
     line, = ax.plot(x, mean, label=label, color=color)
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+# ---------------------------------------------------------------- notebooks 02-03 (small networks, memory tricks)
+
+
+def decision_boundary(ax: plt.Axes, model: torch.nn.Module, data, title: str = "", resolution: int = 150) -> plt.Axes:
+    """Class-1 probability (or argmax class) of ``model`` over the plane, with the points of ``data`` on top."""
+    from .toy import decision_grid
+
+    xx, yy, z = decision_grid(model, data, resolution)
+    two = int(data.y.max()) == 1
+    ax.contourf(xx, yy, z, levels=20 if two else int(data.y.max()) + 1, cmap="RdBu_r" if two else "viridis", alpha=0.6)
+    x, y = data.x.numpy(), data.y.numpy()
+    for c in np.unique(y):
+        ax.scatter(x[y == c, 0], x[y == c, 1], s=8, edgecolor="black", linewidth=0.3, label=f"class {c}")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    return ax
+
+
+def curves_vs(ax: plt.Axes, frames, x: str = "seconds", y: str = "test", title: str = "", xlabel: str | None = None,
+              ylabel: str | None = None, logx: bool = False) -> plt.Axes:
+    """One line per run from ``TrainLog.frame()`` tables: metric ``y`` against ``x`` (seconds, forwards, step)."""
+    for f in frames:
+        ax.plot(f[x], f[y], marker=".", markersize=3, label=str(f["method"].iloc[0]))
+    if logx:
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def shift_histograms(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray], bins: int = 60, title: str = "",
+                     absolute: bool = True) -> plt.Axes:
+    """Histograms of weight changes (|delta| on a log axis when ``absolute``), one per label, overlaid."""
+    data = {k: np.asarray(torch.as_tensor(v).double().reshape(-1)) for k, v in shifts.items()}
+    if absolute:
+        data = {k: np.abs(v)[np.abs(v) > 0] for k, v in data.items()}
+        lo = min(v.min() for v in data.values() if v.size)
+        hi = max(v.max() for v in data.values() if v.size)
+        edges = np.logspace(np.log10(lo), np.log10(hi), bins)
+        ax.set_xscale("log")
+    else:
+        lim = max(np.abs(v).max() for v in data.values())
+        edges = np.linspace(-lim, lim, bins)
+    for k, v in data.items():
+        ax.hist(v, bins=edges, histtype="step", linewidth=1.5, density=True, label=k)
+    ax.set_xlabel("|change of a weight|" if absolute else "change of a weight")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax

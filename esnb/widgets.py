@@ -58,3 +58,19 @@ def es2d_panel(draw: Callable[..., None], landscapes: list[str], sigma: float = 
         "shaping": w.Dropdown(options=["zscore", "centered_rank", "raw"], value="zscore", description="shaping"),
     }
     return panel(draw, controls, title="ES on a 2-D landscape")
+
+
+def mlp_panel(draw: Callable[..., None], datasets: list[str], sigma: float = 0.05, alpha: float = 0.03,
+              population_size: int = 50, iterations: int = 150, hidden: int = 32) -> "object":
+    """Sliders for sigma, alpha, N, iterations, hidden width and a data set dropdown (notebook 02)."""
+    import ipywidgets as w
+
+    controls = {
+        "sigma": log_slider("sigma", sigma, -3, 0),
+        "alpha": log_slider("alpha", alpha, -3, 0),
+        "population_size": w.IntSlider(value=population_size, min=2, max=200, step=2, description="N", continuous_update=False),
+        "iterations": w.IntSlider(value=iterations, min=10, max=600, step=10, description="iterations", continuous_update=False),
+        "hidden": w.IntSlider(value=hidden, min=4, max=128, step=4, description="hidden", continuous_update=False),
+        "dataset": w.Dropdown(options=datasets, value=datasets[0], description="data"),
+    }
+    return panel(draw, controls, title="ES trains an MLP")

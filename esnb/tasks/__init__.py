@@ -23,3 +23,18 @@ class Task(Protocol):
     def score(self, completion: str, item: Any) -> dict:
         """At least ``{"reward": float, "correct": bool}``; never raises on model output."""
         ...
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build a task by name: ``"countdown"`` (options: ``prompt_style="plain"|"chat"|"compact"``,
+    ``max_new_tokens``) or ``"conciseness"`` (options: ``chat``, ``max_new_tokens``)."""
+    key = name.strip().lower()
+    if key == "countdown":
+        from .countdown import CountdownTask
+
+        return CountdownTask(**options)
+    if key == "conciseness":
+        from .conciseness import ConcisenessTask
+
+        return ConcisenessTask(**options)
+    raise ValueError(f"name: unknown task {name!r}; expected 'countdown' or 'conciseness'")
