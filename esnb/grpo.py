@@ -1,0 +1,613 @@
+"""The RL baseline: GRPO on the same model, task, reward and held-out evaluation as the ES engine.
+
+GRPO (Group Relative Policy Optimization, Shao et al. 2024) samples a *group* of ``G``
+completions per prompt, scores each with the task's reward, turns the rewards into advantages by
+z-scoring inside the group, and takes a clipped policy-gradient step with AdamW; an optional KL
+penalty ``beta`` keeps the policy near the starting (reference) model. We use TRL's
+``GRPOTrainer`` (the implementation RL users know) and only wrap it so that
+
+* the reward is the task's ``score()`` (the very function ES optimizes),
+* one *sample* = one completion scored, counted the same way as the ES engine counts them,
+* held-out accuracy is measured with ``esnb.generation.evaluate`` (greedy), the same call the ES
+  engine uses, on the same test items, at step 0 and every ``eval_every`` steps,
+* the clock counts training only (held-out evaluation is paused out of ``seconds``),
+* the log is a pandas DataFrame with the ES engine's columns (``iteration``, ``samples``,
+  ``reward``, ``test_accuracy``, ``test_reward``, ``seconds``) plus GRPO's own (``loss``,
+  ``kl``, ``grad_norm``, ...), and peak memory is measured while training.
+
+Nothing here needed a hand-written GRPO: TRL 1.16 runs on CPU (``use_cpu=True``, no bf16), takes
+our character tokenizer as ``processing_class``, and accepts any Python reward function.
+
+Two details worth knowing:
+
+* Stop strings. ES generation stops right after ``</answer>``; TRL's sampler stops only at EOS
+  ids. A stop string that is a single token (the tiny model's ``</answer>``) is therefore added to
+  the model's EOS ids for the duration of training (TRL then also masks the tokens after it); a
+  longer stop string cannot be, so the reward cuts the completion after it before scoring
+  (the policy gradient still sees the tokens after it, which is TRL's behaviour).
+* TRL defaults differ from the paper-era GRPO: we set ``loss_type="grpo"`` (sequence-mean loss
+  of the DeepSeekMath paper; TRL's default is ``"dapo"``), activation (gradient) checkpointing off
+  (CPU, tiny models) and a constant learning rate; every other TRL option can be passed through
+  ``GRPORunConfig.trl_args``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "PeakRSS",
+           "rss_bytes", "training_state_bytes"]
+
+FINAL = "final"
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPORunConfig:
+    """One GRPO run. Validated on construction (a bad value raises ``ValueError`` naming the field).
+
+    One optimizer step uses ``prompts_per_step`` training prompts with ``num_generations``
+    sampled completions each, so ``samples_per_step = prompts_per_step * num_generations``
+    completions are scored per step (the paper's "GRPO(8)" / "GRPO(30)" is the group size).
+    """
+
+    steps: int = 100                 # optimizer steps
+    num_generations: int = 8         # group size G (completions per prompt), >= 2
+    prompts_per_step: int = 1        # distinct prompts per step
+    learning_rate: float = 1e-4      # AdamW; 3e-4 at batch 8 damaged the tiny model, 1e-4 did not
+    beta: float = 0.0                # KL penalty to the starting model (0 = none, no reference model)
+    temperature: float = 1.0         # sampling temperature of the training completions
+    max_new_tokens: int | None = None  # None: the task's max_new_tokens
+    epsilon: float = 0.2             # PPO-style clipping of the probability ratio
+    num_iterations: int = 1          # gradient steps per generated batch (mu)
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"     # divide advantages by the group's std ("none" = Dr. GRPO)
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 10             # held-out evaluation every K steps (0: only at start and end)
+    eval_batch_size: int = 64
+    seed: int = 0
+    threads: int | None = None       # torch.set_num_threads for the run (None: leave as is)
+    bf16: bool = False               # only on a GPU that supports it
+    track_updates: bool = False      # log the RMS of each step's weight change (costs a weight copy)
+    progress: bool = True
+    trl_args: dict = field(default_factory=dict)  # any other trl.GRPOConfig field
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, zero_ok: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+                raise ValueError(f"{name}: expected an integer {'>= 0' if zero_ok else '>= 1'}, got {v!r}")
+
+        for name in ("steps", "num_generations", "prompts_per_step", "num_iterations", "eval_batch_size"):
+            positive_int(name)
+        positive_int("eval_every", zero_ok=True)
+        if self.num_generations < 2:
+            raise ValueError("num_generations: GRPO needs at least 2 completions per prompt "
+                             "(advantages are rewards relative to the group)")
+        if self.max_new_tokens is not None:
+            positive_int("max_new_tokens")
+        if self.threads is not None:
+            positive_int("threads")
+        for name in ("learning_rate", "temperature", "max_grad_norm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name in ("beta", "weight_decay", "epsilon"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.trl_args, dict):
+            raise ValueError("trl_args: expected a dict of trl.GRPOConfig fields")
+        reserved = {"max_steps", "num_generations", "per_device_train_batch_size", "learning_rate",
+                    "beta", "seed", "output_dir", "temperature", "max_completion_length"}
+        clash = sorted(reserved & set(self.trl_args))
+        if clash:
+            raise ValueError(f"trl_args: set {clash} through the GRPORunConfig fields instead")
+
+    @property
+    def samples_per_step(self) -> int:
+        """Completions scored per optimizer step (the unit shared with ES)."""
+        return self.prompts_per_step * self.num_generations
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (psutil if installed, else /proc, else maxrss)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        import sys
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+class PeakRSS:
+    """Peak extra process memory inside a ``with`` block, sampled by a thread every ``interval`` s.
+
+    ``peak`` = highest RSS seen minus RSS at entry (bytes): what the computation in the block added
+    (gradients, optimizer state, activations, caches, a reference model...). ``tracemalloc`` cannot
+    do this (torch allocates outside Python's allocator) and ``ru_maxrss`` never goes down, so it
+    cannot measure one block of a long-lived process. Memory freed back to the allocator but kept
+    by the process still counts, as it does for the operating system. On CUDA, ``cuda_peak`` is
+    ``torch.cuda.max_memory_allocated`` over the block, minus what was allocated at entry.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = 0
+        self.max_rss = 0
+        self.cuda_peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cuda0 = 0
+
+    @property
+    def peak(self) -> int:
+        return max(0, self.max_rss - self.start)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.max_rss = max(self.max_rss, rss_bytes())
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.max_rss = rss_bytes()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.max_rss = max(self.max_rss, rss_bytes())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.cuda_peak = int(torch.cuda.max_memory_allocated() - self._cuda0)
+
+
+def training_state_bytes(model: torch.nn.Module, optimizer: Any = None,
+                         ref_model: torch.nn.Module | None = None) -> dict:
+    """Exact bytes of what a gradient method keeps besides the weights: gradients (one per
+    trainable weight), optimizer state (AdamW: two moments) and a frozen reference model.
+    ES keeps none of these (its noise is regenerated from seeds)."""
+    params = [p for p in model.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    opt = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    opt += v.numel() * v.element_size()
+    ref = 0
+    if ref_model is not None:
+        ref = sum(p.numel() * p.element_size() for p in ref_model.parameters())
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "reference_model": ref}
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class GRPOResult:
+    """What :func:`train_grpo` returns; laid out like ``esnb.finetune.FinetuneResult``.
+
+    * ``log``: DataFrame, one row per optimizer step: ``iteration`` (0-based step), ``reward_mean``,
+      ``reward_std``, ``reward_min``, ``reward_max`` (over the step's sampled completions),
+      ``accuracy`` (fraction of them correct), ``iter_seconds``, ``seconds`` (cumulative training
+      time, held-out evaluation excluded), ``samples`` (completions scored so far), then TRL's
+      ``loss``, ``kl`` (when ``beta > 0``), ``grad_norm``, ``entropy``, ``mean_length`` and, with
+      ``track_updates``, ``update_rms``.
+    * ``evals``: DataFrame of greedy held-out evaluations: ``iteration`` (steps done; 0 = the
+      starting model), ``test_accuracy``, ``test_reward``, ``samples``, ``seconds``, ``eval_seconds``.
+    * ``samples_before`` / ``samples_after``: the held-out completions of the first and last evaluation.
+    * ``peak_rss``: bytes the process grew by while training (:class:`PeakRSS`); ``cuda_peak`` on
+      CUDA; ``state_bytes``: exact bytes of weights, gradients, optimizer state and reference model.
+    """
+
+    config: GRPORunConfig
+    log_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+    samples_before: Any = None
+    samples_after: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    peak_rss: int = 0
+    cuda_peak: int | None = None
+    state_bytes: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+    @property
+    def log(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.log_rows)
+
+    @property
+    def evals(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.eval_rows)
+
+    @property
+    def accuracy_before(self) -> float:
+        return float(self.eval_rows[0]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def accuracy_after(self) -> float:
+        return float(self.eval_rows[-1]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def samples(self) -> int:
+        return int(self.log_rows[-1]["samples"]) if self.log_rows else 0
+
+    @property
+    def seconds(self) -> float:
+        return float(self.log_rows[-1]["seconds"]) if self.log_rows else 0.0
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        """Median seconds of one GRPO step (sampling + scoring + backward + AdamW)."""
+        if not self.log_rows:
+            return float("nan")
+        return float(sorted(r["iter_seconds"] for r in self.log_rows)[len(self.log_rows) // 2])
+
+    def summary(self) -> dict:
+        """The headline numbers as a flat, JSON-friendly dict."""
+        return {"method": "GRPO", "seed": self.config.seed, "steps": len(self.log_rows),
+                "samples": self.samples, "seconds": round(self.seconds, 3),
+                "seconds_per_iteration": self.seconds_per_iteration,
+                "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+                "reward_before": float(self.eval_rows[0]["test_reward"]) if self.eval_rows else float("nan"),
+                "reward_after": float(self.eval_rows[-1]["test_reward"]) if self.eval_rows else float("nan"),
+                "peak_rss": self.peak_rss, "cuda_peak": self.cuda_peak,
+                **{f"{k}_bytes": v for k, v in self.state_bytes.items()}}
+
+    def __repr__(self) -> str:
+        return (f"GRPOResult({len(self.log_rows)} steps, {self.samples} samples, held-out accuracy "
+                f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f}, "
+                f"{self.seconds_per_iteration:.2f} s/step)")
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _split_stops(tokenizer: Any, stops: Sequence[str]) -> tuple[list[int], list[str]]:
+    token_ids, text = [], []
+    for s in stops:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids) == s:
+            token_ids.append(int(ids[0]))
+        else:
+            text.append(s)
+    return token_ids, text
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        k = text.find(s)
+        if 0 <= k and k + len(s) < cut:
+            cut = k + len(s)
+    return text[:cut]
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in (x if isinstance(x, (list, tuple)) else [x])]
+
+
+_TRL_LOGS = {"loss": "loss", "kl": "kl", "grad_norm": "grad_norm", "entropy": "entropy",
+             "completions/mean_length": "mean_length", "clip_ratio/region_mean": "clip_ratio"}
+
+
+def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
+               test_items: Sequence[Any] | None = None, config: GRPORunConfig | None = None,
+               output_dir: str | os.PathLike | None = None,
+               callback: Callable[[GRPOResult], None] | None = None) -> GRPOResult:
+    """Train ``model`` with GRPO on ``task`` (in place) and evaluate it on ``test_items``.
+
+    ``train_items`` are the prompts GRPO samples from (cycled, shuffled with ``config.seed``);
+    ``test_items`` are only ever evaluated greedily, before training, every ``eval_every`` steps
+    and at the end (``None`` for either: the task's own items, or the shipped Countdown split).
+    ``callback(result)`` is called after every step and every evaluation (live curves). With
+    ``output_dir`` the run is written there: ``config.json``, ``log.jsonl``, ``eval.jsonl``,
+    ``samples_before.jsonl``, ``samples_after.jsonl``, ``summary.json`` and ``final/`` (model and
+    tokenizer in Hugging Face format, ``from_pretrained(DIR / "final")``).
+    """
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .generation import evaluate
+
+    config = config or GRPORunConfig()
+    if train_items is None or test_items is None:
+        from .finetune import default_items
+
+        d_train, d_test = default_items(task)
+        train_items = d_train if train_items is None else train_items
+        test_items = d_test if test_items is None else test_items
+    train_items, test_items = list(train_items), list(test_items)
+    if len(train_items) < config.prompts_per_step:
+        raise ValueError(f"train_items: need at least prompts_per_step={config.prompts_per_step} items")
+    if not test_items:
+        raise ValueError("test_items: held-out evaluation needs at least one item")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    max_new = config.max_new_tokens or task.max_new_tokens
+    token_stops, text_stops = _split_stops(tokenizer, getattr(task, "stop_strings", ()))
+    result = GRPOResult(config=config, model=model, tokenizer=tokenizer,
+                        output_dir=Path(output_dir) if output_dir is not None else None)
+    clock = {"t0": 0.0, "paused": 0.0, "last": 0.0}
+    counter = {"samples": 0, "rewards": [], "correct": []}
+
+    def held_out(step: int) -> None:
+        t = time.perf_counter()
+        ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
+                      max_new_tokens=max_new, progress=False)
+        took = time.perf_counter() - t
+        clock["paused"] += took
+        result.eval_rows.append({"iteration": step, "test_accuracy": ev["accuracy"],
+                                 "test_reward": ev["mean_reward"], "samples": counter["samples"],
+                                 "seconds": result.seconds, "eval_seconds": took})
+        result.samples_after = ev["samples"]
+        if result.samples_before is None:
+            result.samples_before = ev["samples"]
+        if callback is not None:
+            callback(result)
+
+    held_out(0)
+
+    # the reward: the task's own score, on the completion cut where ES generation would stop
+    def task_reward(prompts, completions, item_index, **_: Any) -> list[float]:
+        out = []
+        for text, idx in zip(completions, item_index):
+            s = task.score(_cut(text, text_stops) if text_stops else text, train_items[int(idx)])
+            out.append(float(s["reward"]))
+            counter["correct"].append(bool(s.get("correct", False)))
+        counter["samples"] += len(completions)
+        counter["rewards"].extend(out)
+        return out
+
+    task_reward.__name__ = f"{getattr(task, 'name', 'task')}_reward"
+    prev: dict[str, torch.Tensor] = {}
+    bar = None
+
+    class _Log(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            nonlocal bar
+            if config.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=config.steps, desc="GRPO", unit="step", dynamic_ncols=True)
+            if config.track_updates:
+                prev.update({k: p.detach().float().clone() for k, p in model.named_parameters()})
+            clock["t0"] = clock["last"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            t = time.perf_counter()
+            step = int(state.global_step)
+            r, c = counter["rewards"], counter["correct"]
+            n = max(len(r), 1)
+            mean = sum(r) / n
+            row = {"iteration": step - 1, "reward_mean": mean,
+                   "reward_std": (sum((x - mean) ** 2 for x in r) / n) ** 0.5,
+                   "reward_min": min(r, default=float("nan")), "reward_max": max(r, default=float("nan")),
+                   "accuracy": sum(c) / n, "iter_seconds": t - clock["last"],
+                   "seconds": t - clock["t0"] - clock["paused"], "samples": counter["samples"]}
+            counter["rewards"], counter["correct"] = [], []
+            if config.track_updates:
+                sq, count = 0.0, 0
+                for k, p in model.named_parameters():
+                    d = p.detach().float() - prev[k]
+                    sq += float(d.pow(2).sum())
+                    count += d.numel()
+                    prev[k].copy_(p.detach())
+                row["update_rms"] = (sq / max(count, 1)) ** 0.5
+            result.log_rows.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{mean:.3g}", acc=f"{row['accuracy']:.3f}",
+                                test=f"{result.eval_rows[-1]['test_accuracy']:.3f}")
+            if callback is not None:
+                callback(result)
+            if (config.eval_every and step % config.eval_every == 0) or step >= config.steps:
+                held_out(step)
+            clock["last"] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            # TRL logs after on_step_end: attach its numbers to the step's row
+            if logs and result.log_rows and result.log_rows[-1]["iteration"] == state.global_step - 1:
+                for k, name in _TRL_LOGS.items():
+                    if k in logs:
+                        result.log_rows[-1][name] = float(logs[k])
+
+        def on_train_end(self, args, state, control, **kw):
+            if bar is not None:
+                bar.close()
+
+    dataset = Dataset.from_dict({
+        "prompt": [task.prompt(it, tokenizer) for it in train_items],
+        "item_index": list(range(len(train_items))),
+    })
+    tmp = tempfile.TemporaryDirectory(prefix="esnb-grpo-")  # TRL wants an output_dir; we save ourselves
+    use_cpu = device.type == "cpu"
+    args = dict(
+        output_dir=tmp.name, max_steps=config.steps,
+        per_device_train_batch_size=config.samples_per_step, gradient_accumulation_steps=1,
+        num_generations=config.num_generations, learning_rate=config.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=config.weight_decay,
+        # beta is set on the trainer after construction (see _install_reference), so that TRL
+        # does not load a reference model from disk
+        max_grad_norm=config.max_grad_norm, beta=0.0, temperature=config.temperature,
+        max_completion_length=max_new, epsilon=config.epsilon,
+        num_iterations=config.num_iterations, loss_type=config.loss_type,
+        scale_rewards=config.scale_rewards, seed=config.seed, data_seed=config.seed,
+        bf16=bool(config.bf16 and not use_cpu), fp16=False, use_cpu=use_cpu,
+        activation_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+    )
+    args.update(config.trl_args)
+
+    # one-token stop strings end a completion like EOS does (TRL then masks what follows)
+    gen_cfg = model.generation_config
+    saved_eos = copy.deepcopy(gen_cfg.eos_token_id)
+    eos = _as_list(saved_eos) or _as_list(tokenizer.eos_token_id)
+    gen_cfg.eos_token_id = eos + [t for t in token_stops if t not in eos]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    had_forward = "forward" in vars(model)
+    try:
+        with warnings.catch_warnings(), PeakRSS() as mem:
+            # transformers 5 renamed gradient -> activation checkpointing; TRL 1.16 still asks
+            warnings.filterwarnings("ignore", message=".*checkpointing.*", category=FutureWarning)
+            trl_config = GRPOConfig(**args)
+            # TRL would build the reference model from the config's path; the policy passed here
+            # may not be what that path holds (changed in memory, or no path), so copy it
+            ref_copy = copy.deepcopy(model).eval() if config.beta > 0 else None
+            trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=trl_config,
+                                  train_dataset=dataset, processing_class=tokenizer,
+                                  callbacks=[_Log()])
+            # our own progress bar instead of the Trainer's (which also prints every log dict)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            if ref_copy is not None:
+                _install_reference(trainer, ref_copy, config.beta)
+            trainer.train()
+        result.peak_rss, result.cuda_peak = mem.peak, mem.cuda_peak
+        result.state_bytes = training_state_bytes(model, trainer.optimizer,
+                                                  getattr(trainer, "ref_model", None))
+    finally:
+        gen_cfg.eos_token_id = saved_eos
+        hf_logging.set_verbosity(verbosity)
+        if not had_forward and "forward" in vars(model):
+            del model.forward  # TRL patched a fused LM head onto the instance; drop it
+        model.eval()
+        tmp.cleanup()
+    if output_dir is not None:
+        save_result(result, output_dir)
+    return result
+
+
+def _install_reference(trainer: Any, ref_copy: Any, beta: float) -> None:
+    """Give the trainer a KL penalty ``beta`` to an exact in-memory copy of the starting policy
+    (what TRL does for ``beta > 0``, minus loading the reference from the config's path)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    for p in ref_copy.parameters():
+        p.requires_grad_(False)
+    add_fused_lm_head(ref_copy, temperature=trainer.temperature,
+                      cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    trainer.ref_model = trainer.accelerator.prepare_model(ref_copy, evaluation_mode=True)
+    trainer.beta = float(beta)
+    trainer.args.beta = float(beta)
+
+
+def _jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
+    """Write a run as :func:`train_grpo` does (see there); returns the folder."""
+    from transformers.utils import logging as hf_logging
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if result.model is not None:
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in notebooks
+        try:
+            result.model.save_pretrained(out / FINAL)
+            if result.tokenizer is not None:
+                result.tokenizer.save_pretrained(out / FINAL)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+    _jsonl(out / "log.jsonl", result.log_rows)
+    _jsonl(out / "eval.jsonl", result.eval_rows)
+    for name, frame in (("samples_before.jsonl", result.samples_before),
+                        ("samples_after.jsonl", result.samples_after)):
+        if frame is not None:
+            _jsonl(out / name, frame.to_dict("records"))
+    meta = {"grpo": result.config.to_dict(), "peak_rss": result.peak_rss,
+            "cuda_peak": result.cuda_peak, "state_bytes": result.state_bytes}
+    (out / "config.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+    (out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=_json_default) + "\n")
+    return out
+
+
+def load_result(output_dir: str | os.PathLike) -> GRPOResult:
+    """Read a saved run back (no model: load ``DIR/final`` with ``from_pretrained`` or
+    ``esnb.models.load_model(str(DIR / "final"))``)."""
+    import pandas as pd
+
+    out = Path(output_dir)
+    if not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out}: no config.json (not a GRPO run directory)")
+    meta = json.loads((out / "config.json").read_text())
+    result = GRPOResult(config=GRPORunConfig(**meta["grpo"]), output_dir=out,
+                        peak_rss=int(meta.get("peak_rss") or 0), cuda_peak=meta.get("cuda_peak"),
+                        state_bytes=dict(meta.get("state_bytes") or {}))
+
+    def rows(name: str) -> list[dict]:
+        path = out / name
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    result.log_rows, result.eval_rows = rows("log.jsonl"), rows("eval.jsonl")
+    for name in ("samples_before", "samples_after"):
+        data = rows(f"{name}.jsonl")
+        setattr(result, name, pd.DataFrame(data) if data else None)
+    return result

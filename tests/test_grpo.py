@@ -1,0 +1,178 @@
+"""The GRPO baseline (TRL's GRPOTrainer behind esnb's task/evaluation interface)."""
+import json
+
+import pytest
+import torch
+
+from esnb import tinylm
+from esnb.grpo import (GRPORunConfig, PeakRSS, _cut, load_result, train_grpo,
+                       training_state_bytes)
+
+
+class Digits:
+    """A trivially learnable task: reward = fraction of digits in the completion; correct when
+    the completion starts with a digit. A random model writes digits ~10% of the time."""
+
+    name = "digits"
+    max_new_tokens = 6
+    stop_strings = ()
+
+    def prompt(self, item, tokenizer=None):
+        return item["prompt"]
+
+    def score(self, completion, item):
+        frac = sum(c.isdigit() for c in completion) / max(len(completion), 1)
+        return {"reward": frac, "correct": completion[:1].isdigit()}
+
+
+ITEMS = [{"prompt": f"q{i}>"} for i in range(8)]
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    tok = tinylm.build_tokenizer()
+    model = tinylm.build_model(len(tok), hidden_size=64, layers=2, heads=4, intermediate_size=128, seed=seed)
+    return model, tok
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps", 0), ("num_generations", 1), ("prompts_per_step", 0), ("learning_rate", 0.0),
+    ("learning_rate", -1e-4), ("beta", -0.1), ("temperature", 0), ("eval_every", -1),
+    ("loss_type", "ppo"), ("scale_rewards", "sometimes"), ("seed", -1), ("max_new_tokens", 0),
+    ("steps", 2.5), ("num_generations", True), ("trl_args", {"beta": 0.1}), ("trl_args", [1]),
+])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        GRPORunConfig(**{field: value})
+
+
+def test_samples_per_step():
+    assert GRPORunConfig(num_generations=8).samples_per_step == 8
+    assert GRPORunConfig(num_generations=4, prompts_per_step=3).samples_per_step == 12
+
+
+def test_cut_keeps_the_stop_string():
+    assert _cut("a</answer>junk", ["</answer>"]) == "a</answer>"
+    assert _cut("no stop here", ["</answer>"]) == "no stop here"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo")
+    model, tok = fresh_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eos_before = model.generation_config.eos_token_id
+    cfg = GRPORunConfig(steps=12, num_generations=4, prompts_per_step=2, learning_rate=3e-3,
+                        eval_every=4, seed=0, progress=False, track_updates=True)
+    res = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=out)
+    return res, before, eos_before, out
+
+
+def test_grpo_learns_a_trivial_task_in_a_few_steps(trained):
+    res = trained[0]
+    assert res.accuracy_before == 0.0
+    assert res.accuracy_after >= 0.75
+    assert res.evals["test_reward"].iloc[-1] > res.evals["test_reward"].iloc[0] + 0.5
+
+
+def test_sample_counting_matches_the_es_engine_unit(trained):
+    res = trained[0]
+    log, evals = res.log, res.evals
+    assert list(log["iteration"]) == list(range(12))
+    assert list(log["samples"]) == [8 * (i + 1) for i in range(12)]   # 2 prompts x 4 completions
+    assert res.samples == 96
+    assert list(evals["iteration"]) == [0, 4, 8, 12]
+    assert list(evals["samples"]) == [0, 32, 64, 96]
+    assert (log["seconds"].diff().dropna() > 0).all()
+    assert {"reward_mean", "accuracy", "seconds", "samples", "loss", "update_rms"} <= set(log.columns)
+    assert log["update_rms"].gt(0).all()
+
+
+def test_memory_and_state_are_measured(trained):
+    res = trained[0]
+    n = sum(p.numel() for p in res.model.parameters())
+    assert res.state_bytes["gradients"] == 4 * n
+    assert res.state_bytes["optimizer"] >= 2 * 4 * n          # AdamW: two moments per weight
+    assert res.state_bytes["reference_model"] == 0            # beta = 0: no reference
+    assert res.peak_rss >= 0
+
+
+def test_model_is_left_clean_and_saved_run_reloads(trained):
+    from transformers import AutoModelForCausalLM
+
+    res, before, eos_before, out = trained
+    model = res.model
+    assert "forward" not in vars(model)                        # TRL's fused head removed
+    assert model.generation_config.eos_token_id == eos_before
+    assert not model.training
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = AutoModelForCausalLM.from_pretrained(out / "final")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    loaded = load_result(out)
+    assert loaded.log_rows == json.loads(json.dumps(res.log_rows))
+    assert loaded.accuracy_after == res.accuracy_after
+    assert loaded.config == res.config
+    assert json.loads((out / "summary.json").read_text())["samples"] == 96
+
+
+def test_kl_penalty_uses_an_in_memory_reference():
+    model, tok = fresh_model(1)   # a model that exists nowhere on disk
+    cfg = GRPORunConfig(steps=3, num_generations=4, learning_rate=3e-3, beta=0.1, eval_every=0,
+                        seed=1, progress=False)
+    res = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg)
+    assert "kl" in res.log.columns and res.log["kl"].iloc[-1] > 0
+    n = sum(p.numel() for p in model.parameters())
+    assert res.state_bytes["reference_model"] == 4 * n
+
+
+def test_same_seed_same_run():
+    runs = []
+    for _ in range(2):
+        model, tok = fresh_model(2)
+        cfg = GRPORunConfig(steps=3, num_generations=4, learning_rate=1e-3, eval_every=0,
+                            seed=5, progress=False)
+        res = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg)
+        runs.append((res.log["reward_mean"].tolist(), [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_peak_rss_sees_a_large_allocation():
+    with PeakRSS(interval=0.001) as mem:
+        x = torch.ones(64 * 2**20 // 4)   # 64 MiB
+        x.add_(1)
+        import time
+        time.sleep(0.02)
+        del x
+    assert mem.peak >= 48 * 2**20
+
+
+def test_training_state_bytes_for_adam():
+    m = torch.nn.Linear(10, 10)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.ones(1, 10)).sum().backward()
+    opt.step()
+    s = training_state_bytes(m, opt)
+    assert s["weights"] == s["gradients"] == 110 * 4
+    assert s["optimizer"] >= 2 * 110 * 4
+
+
+def test_shipped_tiny_on_countdown_stops_at_answer():
+    from esnb.models import ModelNotAvailable, load_model
+    from esnb.tasks import countdown as cd
+    from esnb.tasks import get_task
+
+    try:
+        model, tok = load_model("tiny", device="cpu")
+    except ModelNotAvailable:
+        pytest.skip("the tiny model is not in data/tiny yet")
+    task = get_task("countdown", prompt_style="compact")
+    train, test = cd.load_split()
+    eos_before = model.generation_config.eos_token_id
+    cfg = GRPORunConfig(steps=2, num_generations=4, learning_rate=1e-4, eval_every=0, seed=0,
+                        progress=False)
+    res = train_grpo(model, tok, task, train[:8], test[:8], cfg)
+    assert res.samples == 8
+    assert model.generation_config.eos_token_id == eos_before
+    assert res.log["mean_length"].max() <= task.max_new_tokens
