@@ -1,0 +1,739 @@
+"""Full-parameter ES fine-tuning of a causal language model on a task (Qiu et al. 2025, Alg. 1).
+
+One iteration::
+
+    seeds  = N integers, a pure function of (run seed, iteration)
+    batch  = the training prompts of this iteration (all of them, as the paper, or a subset that
+             is also a pure function of (run seed, iteration)); every member sees the same batch
+    for each member n:
+        perturb every parameter in place: theta + sigma * eps_n     (eps regenerated from seed n)
+        greedy-generate completions for the batch (one batched call), score them with the task
+        reward_n = mean reward over the batch
+        restore theta by copy from the float32 master (exact)
+    z = zscore(rewards);  theta += alpha * mean_n z_n * eps_n   (noise regenerated tensor by tensor)
+
+Use from Python::
+
+    model, tok = esnb.models.load_model("tiny")
+    task = esnb.tasks.get_task("countdown", prompt_style="compact")
+    train, test = esnb.tasks.countdown.load_split()
+    result = finetune(model, tok, task, train, test, FinetuneConfig(sigma=0.01, iterations=50))
+    result.log      # one row per iteration: reward mean/min/max, accuracy, seconds, samples
+    result.evals    # held-out evaluations (iteration 0 = the starting model)
+
+or from the shell::
+
+    python -m esnb.finetune --model tiny --task countdown --iterations 50 --output runs/es-tiny
+
+A run directory holds ``config.json`` (the settings), ``initial.pt`` + ``log.jsonl`` (the seed
+log: :func:`esnb.runlog.replay` rebuilds any iteration's weights from it without evaluating
+anything), ``eval.jsonl`` (held-out evaluations), ``checkpoint.pt`` (written atomically every
+``checkpoint_every`` iterations), ``log.csv``/``eval.csv`` and ``final/`` (the model and tokenizer
+in Hugging Face format: ``AutoModelForCausalLM.from_pretrained(DIR / "final")``).
+
+Resume: run again with ``resume=True`` (CLI: ``--resume DIR``). Seeds and batches depend only on
+(seed, iteration), the weights only on the master copy in the checkpoint, so a resumed run ends
+with weights bit-identical to an uninterrupted one (on the same machine and thread count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .es import ES, ESConfig
+from .generation import evaluate, generate
+from .runlog import RunLog, _atomic_write, load_checkpoint, read_log, save_checkpoint, write_json
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "batch_indices", "default_items",
+           "load_result", "main"]
+
+CHECKPOINT = "checkpoint.pt"
+EVAL_LOG = "eval.jsonl"
+FINAL = "final"
+SAMPLES_BEFORE = "samples_before.jsonl"
+SAMPLES_AFTER = "samples_after.jsonl"
+
+# Settings that may change between a run and its resumption (they do not change the weights).
+_RESUMABLE = {"iterations", "eval_every", "checkpoint_every", "test_size", "eval_batch_size",
+              "gen_batch_size", "save_final"}
+
+
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer{' or None' if allow_none else ''}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one ES fine-tuning run. Defaults are the paper's (N=30, sigma=1e-3,
+    alpha=5e-4, 200 training puzzles, all of them every iteration, greedy decoding, 500 iterations).
+
+    Every field is validated on construction; a bad value raises ``ValueError`` naming it.
+
+    * ``population_size``, ``sigma``, ``alpha``, ``antithetic``, ``shaping``, ``optimizer``,
+      ``momentum``, ``weight_decay``, ``seed``: as :class:`esnb.es.ESConfig`.
+    * ``iterations``: ES updates in total (a resumed run continues up to this number).
+    * ``train_size``: how many training items are used (the first ``train_size``).
+    * ``batch_size``: prompts per member per iteration; ``None`` = all ``train_size`` (the paper).
+      A smaller batch is drawn without replacement per iteration, the same for every member.
+    * ``test_size``: held-out items per evaluation (the first ``test_size``; ``None`` = all).
+    * ``eval_every``: held-out evaluation every K iterations (also before the first and after the
+      last); 0 = only before and after.
+    * ``checkpoint_every``: atomic checkpoint every K iterations (and at the end); 0 = at the end only.
+    * ``max_new_tokens``: generation cap; ``None`` = the task's.
+    * ``gen_batch_size``: prompts per generate() batch (memory knob; the results do not depend on it
+      only up to floating-point batching effects, so keep it fixed across a resumed run's siblings).
+    * ``eval_batch_size``: the same for held-out evaluation.
+    * ``device``, ``dtype``: where and in which precision the working weights live (``None``: leave
+      the model as it is); the ES master copy is always float32, on ``master_device`` (``None`` =
+      the model's device).
+    * ``save_initial``: write ``initial.pt`` (the starting weights, float32) so that the seed log
+      replays on its own; switch off for large models you can reload by name.
+    * ``save_final``: write the final model in Hugging Face format to ``DIR/final``.
+    """
+
+    population_size: int = 30
+    sigma: float = 1e-3
+    alpha: float = 5e-4
+    antithetic: bool = False
+    shaping: str = "zscore"
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    iterations: int = 500
+    train_size: int = 200
+    batch_size: int | None = None
+    test_size: int | None = None
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    max_new_tokens: int | None = None
+    gen_batch_size: int = 256
+    eval_batch_size: int = 256
+    device: str | None = None
+    dtype: str | None = None
+    master_device: str | None = None
+    save_initial: bool = True
+    save_final: bool = True
+
+    def __post_init__(self) -> None:
+        self.es_config()  # validates the ES fields, naming the bad one
+        self.population_size = int(self.population_size)
+        self.sigma, self.alpha = float(self.sigma), float(self.alpha)
+        self.momentum, self.weight_decay, self.seed = float(self.momentum), float(self.weight_decay), int(self.seed)
+        self.iterations = _check_int("iterations", self.iterations, 0)
+        self.train_size = _check_int("train_size", self.train_size, 1)
+        self.batch_size = _check_int("batch_size", self.batch_size, 1, allow_none=True)
+        if self.batch_size is not None and self.batch_size > self.train_size:
+            raise ValueError(f"batch_size must be <= train_size ({self.train_size}), got {self.batch_size}")
+        self.test_size = _check_int("test_size", self.test_size, 1, allow_none=True)
+        self.eval_every = _check_int("eval_every", self.eval_every, 0)
+        self.checkpoint_every = _check_int("checkpoint_every", self.checkpoint_every, 0)
+        self.max_new_tokens = _check_int("max_new_tokens", self.max_new_tokens, 1, allow_none=True)
+        self.gen_batch_size = _check_int("gen_batch_size", self.gen_batch_size, 1)
+        self.eval_batch_size = _check_int("eval_batch_size", self.eval_batch_size, 1)
+        for name in ("device", "master_device"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    torch.device(value)
+                except (RuntimeError, TypeError):
+                    raise ValueError(f"{name} must be a torch device string like 'cpu' or 'cuda', got {value!r}") from None
+                setattr(self, name, str(value))
+        if self.dtype is not None:
+            from .models import _DTYPES
+
+            key = str(self.dtype).replace("torch.", "").lower()
+            if key not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {self.dtype!r}")
+            self.dtype = key
+        for name in ("save_initial", "save_final"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def es_config(self) -> ESConfig:
+        """The :class:`ESConfig` of the ES fields."""
+        return ESConfig(population_size=self.population_size, sigma=self.sigma, alpha=self.alpha,
+                        antithetic=self.antithetic, shaping=self.shaping, optimizer=self.optimizer,
+                        momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed)
+
+    @property
+    def prompts_per_member(self) -> int:
+        return self.batch_size or self.train_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | None) -> list[int]:
+    """The training items of one iteration: all of them, or ``batch_size`` drawn without
+    replacement as a pure function of (seed, iteration) (so resume and replay draw the same)."""
+    if batch_size is None or batch_size >= train_size:
+        return list(range(train_size))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, iteration, 0xBA7C]))
+    return sorted(int(i) for i in rng.choice(train_size, size=batch_size, replace=False))
+
+
+def default_items(task: Any) -> tuple[list, list]:
+    """``(train, test)`` items of a task: its own ``train_items``/``test_items`` when it has them,
+    the shipped split for Countdown."""
+    if hasattr(task, "train_items") and hasattr(task, "test_items"):
+        return list(task.train_items), list(task.test_items)
+    if getattr(task, "name", None) == "countdown":
+        from .tasks.countdown import load_split
+
+        return load_split()
+    raise ValueError(f"task: {getattr(task, 'name', task)!r} has no default items; pass train_items and test_items")
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns (also what a callback receives while the run goes on).
+
+    * ``log``: pandas DataFrame, one row per ES iteration: ``iteration``, ``reward_mean``,
+      ``reward_min``, ``reward_max``, ``reward_std``, ``accuracy`` (mean over the population),
+      ``accuracy_max`` (best member), ``update_norm``, ``iter_seconds``, ``seconds`` (cumulative
+      training time, held-out evaluation excluded), ``samples`` (completions scored so far:
+      N x prompts per iteration, counted as GRPO counts them).
+    * ``evals``: DataFrame of held-out evaluations of the unperturbed weights: ``iteration``
+      (updates applied so far; 0 = the starting model), ``test_accuracy``, ``test_reward``,
+      ``samples``, ``seconds``, ``eval_seconds``.
+    * ``samples_before`` / ``samples_after``: the held-out completions (prompt, completion,
+      reward, correct, ...) of the first and the latest evaluation.
+    """
+
+    config: FinetuneConfig
+    log_rows: list[dict] = field(default_factory=list)
+    eval_rows: list[dict] = field(default_factory=list)
+    samples_before: Any = None
+    samples_after: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    es: ES | None = None
+    output_dir: Path | None = None
+    resumed_from: int | None = None
+
+    @property
+    def log(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.log_rows)
+
+    @property
+    def evals(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.eval_rows)
+
+    @property
+    def accuracy_before(self) -> float:
+        return float(self.eval_rows[0]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def accuracy_after(self) -> float:
+        return float(self.eval_rows[-1]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        """Median seconds of one ES iteration (population evaluation + update)."""
+        if not self.log_rows:
+            return float("nan")
+        return float(np.median([r["iter_seconds"] for r in self.log_rows]))
+
+    def __repr__(self) -> str:
+        return (f"FinetuneResult({len(self.log_rows)} iterations, held-out accuracy "
+                f"{self.accuracy_before:.3f} -> {self.accuracy_after:.3f}, "
+                f"{self.seconds_per_iteration:.2f} s/iteration)")
+
+
+def _samples_frame(path: Path):
+    import pandas as pd
+
+    return pd.read_json(path, lines=True) if path.is_file() else None
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    body = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
+    _atomic_write(path, lambda f: f.write(body))
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut off by a crash: everything before it is good
+    return rows
+
+
+_METRICS = ("iteration", "reward_mean", "reward_min", "reward_max", "reward_std", "accuracy", "accuracy_max",
+            "update_norm", "iter_seconds", "seconds", "samples")
+
+
+def _metrics(entries: Sequence[dict]) -> list[dict]:
+    """The metric columns of seed-log lines (without seeds, signs and weights)."""
+    return [{k: e[k] for k in _METRICS if k in e} for e in entries]
+
+
+def _write_csvs(directory: Path, result: FinetuneResult) -> None:
+    for name, frame in (("log.csv", result.log), ("eval.csv", result.evals)):
+        data = frame.to_csv(index=False).encode()
+        _atomic_write(directory / name, lambda f, data=data: f.write(data))
+
+
+def _prepare_model(model, config: FinetuneConfig):
+    if config.device is not None or config.dtype is not None:
+        from .models import _DTYPES
+
+        kwargs = {}
+        if config.device is not None:
+            kwargs["device"] = torch.device(config.device)
+        if config.dtype is not None:
+            kwargs["dtype"] = _DTYPES[config.dtype]
+        model.to(**kwargs)
+    model.eval()
+    return model
+
+
+def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
+    diffs = [f"{k}: {saved[k]!r} in the run, {v!r} now" for k, v in config.to_dict().items()
+             if k not in _RESUMABLE and k in saved and saved[k] != v]
+    if diffs:
+        raise ValueError(f"{where}: cannot resume with different settings ({'; '.join(diffs)})")
+
+
+def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
+             test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
+             output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
+             resume: bool = False, overwrite: bool = False, progress: bool = True,
+             metadata: dict | None = None) -> FinetuneResult:
+    """ES fine-tuning of ``model`` (in place) on ``task``; returns a :class:`FinetuneResult`.
+
+    ``train_items``/``test_items``: task items (``None``: :func:`default_items`). Only the first
+    ``config.train_size`` training items are used; held-out evaluation uses ``test_items`` (never
+    the training items).
+
+    ``output_dir``: where the seed log, held-out evaluations, checkpoints and the final model go
+    (``None``: nothing is written, no resume). With ``resume=True`` and a checkpoint in
+    ``output_dir`` the run continues from it (settings must match, except ``iterations``,
+    ``eval_every``, ``checkpoint_every``, ``test_size`` and batch sizes); without a checkpoint it
+    starts afresh. An existing run in ``output_dir`` is never overwritten unless ``overwrite=True``.
+
+    ``callback(result)`` is called after every iteration and every held-out evaluation (use it
+    for live curves: ``esnb.plots.LiveCurves``). ``progress``: tqdm bars.
+    """
+    config = config or FinetuneConfig()
+    if train_items is None or test_items is None:
+        d_train, d_test = default_items(task)
+        train_items = d_train if train_items is None else train_items
+        test_items = d_test if test_items is None else test_items
+    train_items, test_items = list(train_items), list(test_items)
+    if len(train_items) < config.train_size:
+        raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
+    train_items = train_items[:config.train_size]
+    if config.test_size is not None:
+        test_items = test_items[:config.test_size]
+    if not test_items:
+        raise ValueError("test_items: held-out evaluation needs at least one item")
+    max_new = config.max_new_tokens or task.max_new_tokens
+    model = _prepare_model(model, config)
+    es = ES(model, config.es_config(), master_device=config.master_device)
+    result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
+
+    out = Path(output_dir) if output_dir is not None else None
+    runlog: RunLog | None = None
+    elapsed, samples = 0.0, 0
+    if out is not None:
+        result.output_dir = out
+        ckpt_path = out / CHECKPOINT
+        existing = (out / "log.jsonl").exists() or ckpt_path.exists()
+        if resume and ckpt_path.exists():
+            saved_cfg = json.loads((out / "config.json").read_text()).get("finetune", {})
+            _check_resume_config(saved_cfg, config, out / "config.json")
+            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+            es.load_state_dict(ckpt["es"])
+            elapsed, samples = float(ckpt["seconds"]), int(ckpt["samples"])
+            result.resumed_from = es.iteration
+            # drops the log lines written after the checkpoint: they are recomputed identically
+            runlog = RunLog.open(out, resume_at=es.iteration)
+            result.log_rows = _metrics(read_log(out / "log.jsonl"))
+            result.eval_rows = [r for r in _read_jsonl(out / EVAL_LOG) if r["iteration"] <= es.iteration]
+            _write_jsonl(out / EVAL_LOG, result.eval_rows)
+            result.samples_before = _samples_frame(out / SAMPLES_BEFORE)
+            result.samples_after = _samples_frame(out / SAMPLES_AFTER)
+            # the settings that may change (iterations, evaluation) are updated in config.json
+            meta = json.loads((out / "config.json").read_text())
+            meta["finetune"] = config.to_dict()
+            meta.update(metadata or {})
+            write_json(out / "config.json", meta)
+        else:
+            if existing and not overwrite and not resume:
+                raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
+            meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
+                    "task_repr": repr(task), "max_new_tokens": max_new,
+                    "model": getattr(getattr(model, "config", None), "name_or_path", None), **(metadata or {})}
+            if config.save_initial:
+                runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / "config.json", {"config": es.config.to_dict(), "names": list(es.params.names),
+                                                 "start_iteration": 0, **meta})
+                runlog = RunLog(out, open(out / "log.jsonl", "w"), 0)
+            for stale in (CHECKPOINT, EVAL_LOG, SAMPLES_BEFORE, SAMPLES_AFTER):
+                if (out / stale).exists():
+                    (out / stale).unlink()
+
+    train_prompts = [task.prompt(item, tokenizer) for item in train_items]
+
+    def held_out() -> None:
+        t0 = time.perf_counter()
+        ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
+                      max_new_tokens=max_new, progress=False)
+        row = {"iteration": es.iteration, "test_accuracy": ev["accuracy"], "test_reward": ev["mean_reward"],
+               "samples": samples, "seconds": elapsed, "eval_seconds": time.perf_counter() - t0}
+        result.eval_rows.append(row)
+        result.samples_after = ev["samples"]
+        if result.samples_before is None:
+            result.samples_before = ev["samples"]
+            if out is not None:
+                _write_jsonl(out / SAMPLES_BEFORE, ev["samples"].to_dict("records"))
+        if out is not None:
+            with open(out / EVAL_LOG, "a") as f:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+        if callback is not None:
+            callback(result)
+
+    def checkpoint() -> None:
+        if out is None:
+            return
+        save_checkpoint(out / CHECKPOINT, {"es": es.state_dict(), "seconds": elapsed, "samples": samples})
+        _write_csvs(out, result)
+
+    if not result.eval_rows or result.eval_rows[-1]["iteration"] != es.iteration:
+        held_out()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.iterations, initial=min(es.iteration, config.iterations), desc="ES", unit="it",
+                   dynamic_ncols=True)
+    try:
+        while es.iteration < config.iterations:
+            t0 = time.perf_counter()
+            it = es.iteration
+            idx = batch_indices(config.seed, it, config.train_size, config.batch_size)
+            prompts = [train_prompts[i] for i in idx]
+            items = [train_items[i] for i in idx]
+            rewards, accs = [], []
+            for member in es.ask():
+                with es.perturbed(member):
+                    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new,
+                                           stop_strings=task.stop_strings, batch_size=config.gen_batch_size)
+                scores = [task.score(c, item) for c, item in zip(completions, items)]
+                rewards.append(float(np.mean([float(s["reward"]) for s in scores])))
+                accs.append(float(np.mean([bool(s["correct"]) for s in scores])))
+            entry = es.tell(rewards)
+            samples += len(prompts) * len(rewards)
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            row = {"iteration": it, "reward_mean": entry["reward_mean"], "reward_min": entry["reward_min"],
+                   "reward_max": entry["reward_max"], "reward_std": entry["reward_std"],
+                   "accuracy": float(np.mean(accs)), "accuracy_max": float(np.max(accs)),
+                   "update_norm": entry["update_norm"], "iter_seconds": dt, "seconds": elapsed, "samples": samples}
+            result.log_rows.append(row)
+            if runlog is not None:
+                runlog.append({**entry, **row})  # the seed log line carries the metrics too
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
+                                test=f"{result.eval_rows[-1]['test_accuracy']:.3f}")
+            if callback is not None:
+                callback(result)
+            done = es.iteration
+            if (config.eval_every and done % config.eval_every == 0) or done == config.iterations:
+                held_out()
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.iterations:
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+        if runlog is not None:
+            runlog.close()
+    checkpoint()
+    if out is not None:
+        if result.samples_after is not None:
+            _write_jsonl(out / SAMPLES_AFTER, result.samples_after.to_dict("records"))
+        if config.save_final:
+            save_final(model, tokenizer, out / FINAL)
+    return result
+
+
+def save_final(model: Any, tokenizer: Any, directory: str | os.PathLike) -> Path:
+    """Save model and tokenizer in Hugging Face format (``from_pretrained(directory)`` loads them)."""
+    from .models import _quiet_transformers
+
+    _quiet_transformers()  # no "Writing model shards" bar in notebooks
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_result(directory: str | os.PathLike) -> FinetuneResult:
+    """Read a finished (or interrupted) run directory back: config, log, held-out evaluations and
+    example completions (no model; load ``DIR/final`` with ``from_pretrained`` or
+    :func:`esnb.models.load_model`)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a run directory)")
+    meta = json.loads((directory / "config.json").read_text())
+    config = FinetuneConfig.from_dict(meta.get("finetune", {}))
+    result = FinetuneResult(config=config, output_dir=directory,
+                            log_rows=_metrics(read_log(directory / "log.jsonl")),
+                            eval_rows=_read_jsonl(directory / EVAL_LOG))
+    result.samples_before = _samples_frame(directory / SAMPLES_BEFORE)
+    result.samples_after = _samples_frame(directory / SAMPLES_AFTER)
+    return result
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+# Settings the command line can give, with FinetuneConfig's name where it differs.
+_CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alpha", "seed": "seed",
+               "antithetic": "antithetic", "shaping": "shaping", "iterations": "iterations",
+               "train_size": "train_size", "batch_size": "batch_size", "test_size": "test_size",
+               "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
+               "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype"}
+# What may change when a run is resumed from the command line.
+_CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument ends with exactly one line on stderr (and exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig()
+    ap = _Parser(
+        prog="python -m esnb.finetune", allow_abbrev=False,
+        description="Full-parameter ES fine-tuning of a causal LM on a task (Qiu et al. 2025). "
+                    "Writes the seed log, held-out evaluations, checkpoints and the final model to --output.")
+    ap.add_argument("--model", help="'tiny', 'smollm2-135m', a Hugging Face id or a folder (required unless --resume)")
+    ap.add_argument("--task", help="a task name from esnb.tasks, e.g. 'countdown' (required unless --resume)")
+    ap.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
+                    help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' defaults to compact")
+    ap.add_argument("--output", help="run directory (required unless --resume)")
+    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    ap.add_argument("--iterations", type=_nonneg_int, help=f"ES iterations in total (default {d.iterations})")
+    ap.add_argument("--population", type=_positive_int, help=f"population size N (default {d.population_size})")
+    ap.add_argument("--sigma", type=_positive_float, help=f"noise scale (default {d.sigma})")
+    ap.add_argument("--alpha", type=_nonneg_float, help=f"learning rate (default {d.alpha})")
+    ap.add_argument("--seed", type=_nonneg_int, help=f"run seed (default {d.seed})")
+    ap.add_argument("--antithetic", action="store_const", const=True, help="mirrored +/- noise pairs (the paper: off)")
+    ap.add_argument("--shaping", choices=["zscore", "centered_rank", "raw"], help=f"fitness shaping (default {d.shaping})")
+    ap.add_argument("--train-size", type=_positive_int, help=f"training items used (default {d.train_size})")
+    ap.add_argument("--batch-size", type=_positive_int, help="prompts per member per iteration (default: all)")
+    ap.add_argument("--test-size", type=_positive_int, help="held-out items per evaluation (default: all)")
+    ap.add_argument("--eval-every", type=_nonneg_int, help=f"held-out evaluation every K iterations (default {d.eval_every})")
+    ap.add_argument("--checkpoint-every", type=_nonneg_int, help=f"checkpoint every K iterations (default {d.checkpoint_every})")
+    ap.add_argument("--max-new-tokens", type=_positive_int, help="generation cap (default: the task's)")
+    ap.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                    help="working precision (default bf16 on a GPU, fp32 on a CPU); the master copy is always fp32")
+    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_const", const=True, help="one printed line per iteration instead of a bar")
+    return ap
+
+
+def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> dict:
+    from .run import parse_value
+
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--task-option: expected KEY=VALUE, got {pair!r}")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
+def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, bool]:
+    """(run directory, settings, resuming) from the parsed arguments; errors go through ``ap.error``."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output")}
+    if args.resume:
+        out = Path(args.resume)
+        if args.output and Path(args.output) != out:
+            ap.error("--output and --resume name different directories; give one of them")
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():
+            ap.error(f"--resume: {out} holds no run (no config.json)")
+        saved = json.loads(cfg_path.read_text()).get("cli")
+        if not saved:
+            ap.error(f"--resume: {out} was not started from the command line (config.json has no 'cli' settings)")
+        if "task_option" in given:
+            given["task_options"] = _parse_task_options(ap, given.pop("task_option"))
+        clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
+        if clash:
+            ap.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in "
+                     f"{out}; only {', '.join('--' + k.replace('_', '-') for k in _CLI_RESUMABLE)} may change")
+        return out, {**saved, **given}, True
+    missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
+    out = Path(args.output)
+    if (out / "log.jsonl").exists() or (out / CHECKPOINT).exists():
+        ap.error(f"--output: {out} already holds a run; continue it with --resume {out} or choose another directory")
+    settings = dict(given)
+    settings["task_options"] = _parse_task_options(ap, settings.pop("task_option", None))
+    return out, settings, False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m esnb.finetune``: see ``--help``. Bad arguments end with one line (exit status 2)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    out, settings, resuming = _cli_settings(ap, args)
+    try:
+        config = FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in settings.items() if k in _CLI_CONFIG})
+    except ValueError as e:
+        ap.error(str(e))
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+
+    from .models import ModelNotAvailable, load_model
+    from .tasks import get_task
+
+    options = dict(settings.get("task_options") or {})
+    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() == "tiny":
+        options.setdefault("prompt_style", "compact")
+    try:
+        task = get_task(settings["task"], **options)
+    except (ValueError, TypeError) as e:
+        ap.error(f"--task: {e}")
+    try:
+        train_items, test_items = default_items(task)
+    except ValueError as e:
+        ap.error(f"--task: {e}")
+    if len(train_items) < config.train_size:
+        ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
+    try:
+        model, tokenizer = load_model(settings["model"], device=config.device, dtype=config.dtype)
+    except (ModelNotAvailable, OSError, ValueError) as e:
+        ap.error(f"--model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    quiet = bool(settings.get("no_progress"))
+    seen = {"log": 0, "eval": 0}
+
+    def say(msg: str) -> None:
+        if quiet:
+            print(msg, flush=True)
+        else:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def report(result: FinetuneResult) -> None:
+        if result.resumed_from is not None and not seen.get("resumed"):
+            seen["resumed"] = 1
+            say(f"resumed from the checkpoint at iteration {result.resumed_from}")
+        if quiet and len(result.log_rows) > seen["log"]:
+            r = result.log_rows[-1]
+            say(f"iteration {r['iteration']}: reward {r['reward_mean']:.4f} (min {r['reward_min']:.4f}, "
+                f"max {r['reward_max']:.4f}), accuracy {r['accuracy']:.3f}, {r['iter_seconds']:.2f} s")
+        if len(result.eval_rows) > seen["eval"]:
+            e = result.eval_rows[-1]
+            say(f"held-out after {e['iteration']} iterations: accuracy {e['test_accuracy']:.3f}, "
+                f"reward {e['test_reward']:.4f} ({len(test_items if config.test_size is None else test_items[:config.test_size])} items)")
+        seen["log"], seen["eval"] = len(result.log_rows), len(result.eval_rows)
+
+    result = finetune(model, tokenizer, task, train_items, test_items, config, output_dir=out, callback=report,
+                      resume=resuming, progress=not quiet, metadata={"cli": settings})
+    print(f"done: {config.iterations} iterations, held-out accuracy {result.accuracy_before:.3f} -> "
+          f"{result.accuracy_after:.3f}, {result.seconds_per_iteration:.2f} s/iteration; run in {out}"
+          + (f", final model in {out / FINAL}" if config.save_final else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
