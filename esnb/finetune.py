@@ -55,7 +55,7 @@ from .es import ES, ESConfig
 from .generation import evaluate, generate
 from .runlog import RunLog, _atomic_write, load_checkpoint, read_log, save_checkpoint, write_json
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "batch_indices", "default_items",
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "score_members", "batch_indices", "default_items",
            "load_result", "main"]
 
 CHECKPOINT = "checkpoint.pt"
@@ -337,11 +337,31 @@ def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> No
         raise ValueError(f"{where}: cannot resume with different settings ({'; '.join(diffs)})")
 
 
+def score_members(es: ES, members: Sequence[Any], model: Any, tokenizer: Any, task: Any,
+                  prompts: Sequence[str], items: Sequence[Any], max_new_tokens: int,
+                  batch_size: int = 256) -> tuple[list[float], list[float]]:
+    """Mean reward and accuracy over ``prompts`` of each member (``es.ask()`` entries), in order.
+
+    Each member: perturb the model in place, greedy-generate one batched call, restore exactly,
+    score with ``task``. This is the population evaluation of one iteration; :func:`finetune`
+    calls it with all members, :mod:`esnb.distributed` with each process's share.
+    """
+    rewards, accs = [], []
+    for member in members:
+        with es.perturbed(member):
+            completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                   stop_strings=task.stop_strings, batch_size=batch_size)
+        scores = [task.score(c, item) for c, item in zip(completions, items)]
+        rewards.append(float(np.mean([float(s["reward"]) for s in scores])))
+        accs.append(float(np.mean([bool(s["correct"]) for s in scores])))
+    return rewards, accs
+
+
 def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
              test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
              output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
              resume: bool = False, overwrite: bool = False, progress: bool = True,
-             metadata: dict | None = None) -> FinetuneResult:
+             metadata: dict | None = None, population_evaluator: Callable | None = None) -> FinetuneResult:
     """ES fine-tuning of ``model`` (in place) on ``task``; returns a :class:`FinetuneResult`.
 
     ``train_items``/``test_items``: task items (``None``: :func:`default_items`). Only the first
@@ -356,6 +376,10 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
 
     ``callback(result)`` is called after every iteration and every held-out evaluation (use it
     for live curves: ``esnb.plots.LiveCurves``). ``progress``: tqdm bars.
+
+    ``population_evaluator``: replaces :func:`score_members` as the function that scores a
+    population (same signature); :mod:`esnb.distributed` passes one that spreads the members over
+    processes and gathers their rewards.
     """
     config = config or FinetuneConfig()
     if train_items is None or test_items is None:
@@ -371,6 +395,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     if not test_items:
         raise ValueError("test_items: held-out evaluation needs at least one item")
     max_new = config.max_new_tokens or task.max_new_tokens
+    score_population = population_evaluator or score_members
     model = _prepare_model(model, config)
     es = ES(model, config.es_config(), master_device=config.master_device)
     result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
@@ -460,14 +485,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             idx = batch_indices(config.seed, it, config.train_size, config.batch_size)
             prompts = [train_prompts[i] for i in idx]
             items = [train_items[i] for i in idx]
-            rewards, accs = [], []
-            for member in es.ask():
-                with es.perturbed(member):
-                    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new,
-                                           stop_strings=task.stop_strings, batch_size=config.gen_batch_size)
-                scores = [task.score(c, item) for c, item in zip(completions, items)]
-                rewards.append(float(np.mean([float(s["reward"]) for s in scores])))
-                accs.append(float(np.mean([bool(s["correct"]) for s in scores])))
+            rewards, accs = score_population(es, es.ask(), model, tokenizer, task, prompts, items,
+                                             max_new_tokens=max_new, batch_size=config.gen_batch_size)
             entry = es.tell(rewards)
             samples += len(prompts) * len(rewards)
             dt = time.perf_counter() - t0
