@@ -65,6 +65,14 @@ def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype |
     return torch.randn(tensor.shape, generator=gen, device=tensor.device, dtype=dtype)
 
 
+def noise_into(out: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """Write the noise of (seed, index) into ``out`` (same numbers as :func:`noise_like` of its shape,
+    dtype and device), so that a population can be drawn into one preallocated buffer."""
+    gen = _generator(out.device)
+    gen.manual_seed(stream_seed(seed, index))
+    return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype, out=out)
+
+
 def _master_dtype(dtype: torch.dtype) -> torch.dtype:
     # float64 stays float64 (toy problems); everything narrower is kept in float32 so that
     # updates of alpha * 1e-1 ~ 1e-4 are not rounded away as they would be in bf16.

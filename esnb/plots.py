@@ -124,9 +124,10 @@ def shift_histograms(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray],
         lim = max(np.abs(v).max() for v in data.values())
         edges = np.linspace(-lim, lim, bins)
     for k, v in data.items():
-        ax.hist(v, bins=edges, histtype="step", linewidth=1.5, density=True, label=k)
+        # fractions, not densities: on log-spaced bins a density would inflate the narrow low bins
+        ax.hist(v, bins=edges, histtype="step", linewidth=1.5, weights=np.full(v.size, 1 / max(v.size, 1)), label=k)
     ax.set_xlabel("|change of a weight|" if absolute else "change of a weight")
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of weights")
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from .es import ES
-from .noise import noise_like
+from .noise import noise_into
 
 # ---------------------------------------------------------------- data sets
 
@@ -167,8 +167,13 @@ def population_params(es: ES, members=None) -> dict[str, torch.Tensor]:
     members = es.ask() if members is None else members
     sigma = es.config.sigma
     out = {}
+    scale = torch.tensor([mb.sign * sigma for mb in members], dtype=es.params.master[0].dtype)
     for i, (name, p, m) in enumerate(zip(es.params.names, es.params.params, es.params.master)):
-        stack = torch.stack([noise_like(m, mb.seed, i).mul_(mb.sign * sigma).add_(m) for mb in members])
+        stack = torch.empty((len(members), *m.shape), dtype=m.dtype, device=m.device)
+        for n, mb in enumerate(members):
+            noise_into(stack[n], mb.seed, i)
+        # one broadcast multiply-add for all members: elementwise the same two roundings as perturb()
+        stack.mul_(scale.to(m.device).view(-1, *[1] * m.dim())).add_(m)
         out[name] = stack.to(device=p.device, dtype=p.dtype)
     return out
 
