@@ -122,3 +122,45 @@ def test_host_master_and_memory_figures():
 def test_non_float_parameters_are_refused():
     with pytest.raises(TypeError):
         ParameterSet([torch.zeros(3, dtype=torch.long)])
+
+
+def test_noise_into_matches_noise_like():
+    t = torch.empty(7, 3)
+    buf = torch.empty(2, 7, 3)
+    from esnb.noise import noise_into
+
+    noise_into(buf[1], 9, 4)
+    assert torch.equal(buf[1], noise_like(t, 9, 4))
+
+
+def test_memory_of_perturb_and_update_does_not_grow_with_population():
+    from esnb.analysis import TensorMemory
+    from esnb.es import ES, ESConfig
+
+    model = _model()
+    largest = max(p.numel() for p in model.parameters()) * 4
+    ps = ParameterSet(model)
+    with TensorMemory() as mem:
+        with ps.perturbed(1, 0.1):
+            pass
+    assert mem.peak == largest  # one float32 noise tensor at a time
+    peaks = []
+    for n in (2, 16):
+        es = ES(model, ESConfig(population_size=n))
+        with torch.no_grad(), TensorMemory() as mem:
+            es.apply_update(list(range(n)), [1] * n, [0.5] * n)
+        peaks.append(mem.peak)
+    assert peaks[0] == peaks[1] <= 8 * largest
+
+
+def test_weight_shift_table():
+    from esnb.analysis import shift_table, snapshot, weight_shifts
+
+    model = _model()
+    before = snapshot(model)
+    with torch.no_grad():
+        model[0].bias.add_(1.0)
+    shifts = weight_shifts(before, model)
+    assert abs(float(shifts["0.bias"].abs().min()) - 1.0) < 1e-6 and float(shifts["0.weight"].abs().max()) == 0.0
+    table = shift_table(before, model).set_index("tensor")
+    assert table.loc["0.bias", "changed"] == 1.0 and table.loc["2.weight", "changed"] == 0.0
