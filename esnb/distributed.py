@@ -1,0 +1,241 @@
+"""Population evaluation across processes with ``torch.distributed``: seeds out, rewards back.
+
+ES parallelizes almost for free because a population member is an integer. With ``W`` processes
+(ranks) every rank holds the whole model and, every iteration,
+
+1. draws the same N member seeds itself (they are a pure function of (run seed, iteration),
+   :func:`esnb.es.iteration_seeds`), so nothing has to be sent to start an iteration;
+2. evaluates its share of the members, ``members[rank::W]`` (perturb in place, generate, score,
+   restore), and writes their rewards into a zero-filled N-vector;
+3. sums these vectors over all ranks (one ``all_reduce`` of N rewards and N accuracies, 16 N
+   bytes: each slot is written by exactly one rank, so the sum is exact);
+4. applies the same update from the same rewards and regenerated noise: every rank ends the
+   iteration with the same weights, bit for bit, and no weight ever travels.
+
+The result is bit-identical to the single-process run with the same seed (the same seed log and
+the same final weights), because each member is scored by the same code on the same weights
+whichever rank does it, and the update sees the same numbers in the same order.
+
+Launch (one process per GPU, or several CPU processes)::
+
+    # this machine, 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --standalone --nproc_per_node=2 -m esnb.distributed \\
+        --model tiny --task countdown --iterations 50 --population 32 --output runs/es-dist
+
+    # two hosts with 8 GPUs each: run on every host, with the first host's address
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 \\
+        --rdzv-id=esnb-run -m esnb.distributed --model Qwen/Qwen2.5-0.5B-Instruct \\
+        --task countdown --population 30 --output runs/es-qwen
+
+Only rank 0 writes the run directory (the same files as ``python -m esnb.finetune``) and prints.
+Held-out evaluations are computed by every rank (identical results; set ``--eval-every 0`` to
+keep them to the start and the end). The command-line options are those of
+``python -m esnb.finetune`` (``--resume`` excepted).
+
+From Python, inside a process started by torchrun::
+
+    rank, world = esnb.distributed.setup()
+    result = finetune(model, tok, task, train, test, config,
+                      output_dir=out if rank == 0 else None,
+                      population_evaluator=esnb.distributed.population_evaluator())
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .finetune import score_members
+
+__all__ = ["setup", "rank_and_world", "member_share", "population_evaluator", "bytes_per_iteration",
+           "weight_bytes", "main"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` when no process group is running."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...), once; returns ``(rank, world size)``.
+
+    ``backend``: ``None`` picks nccl when CUDA is available (and selects GPU ``LOCAL_RANK``),
+    gloo otherwise. Without torchrun's variables this is a one-process world (no group).
+    """
+    if dist.is_initialized():
+        return rank_and_world()
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    return rank_and_world()
+
+
+def member_share(n_members: int, rank: int, world: int) -> list[int]:
+    """The member indices a rank evaluates: ``rank, rank + W, rank + 2W, ...`` (round robin, so
+    the shares differ by at most one member)."""
+    return list(range(rank, n_members, world))
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_seeds(members: Sequence[Any], device: torch.device) -> None:
+    # Every rank draws its seeds itself; compare them once per iteration (8 bytes) so that ranks
+    # started with different settings fail loudly instead of training on different populations.
+    digest = 0
+    for m in members:
+        digest = (digest * 1_000_003 + int(m.seed) * 2 + (m.sign < 0)) % (1 << 61)
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    first = mine.clone()
+    dist.broadcast(first, src=0)
+    if int(first.item()) != digest:
+        raise RuntimeError(f"rank {dist.get_rank()} drew other member seeds than rank 0: the ranks were "
+                           "started with different settings (seed, population, iteration)")
+
+
+def population_evaluator(check_seeds: bool = True) -> Callable:
+    """A drop-in for :func:`esnb.finetune.score_members` that spreads the members over the ranks
+    of the running process group and gathers rewards and accuracies with one ``all_reduce``.
+
+    Pass it as ``finetune(..., population_evaluator=population_evaluator())`` on every rank.
+    In a one-process world it is ``score_members`` itself.
+    """
+
+    def evaluate(es, members, model, tokenizer, task, prompts, items, max_new_tokens, batch_size=256):
+        rank, world = rank_and_world()
+        if world == 1:
+            return score_members(es, members, model, tokenizer, task, prompts, items, max_new_tokens, batch_size)
+        device = _comm_device()
+        if check_seeds:
+            _check_same_seeds(members, device)
+        mine = member_share(len(members), rank, world)
+        rewards, accs = score_members(es, [members[i] for i in mine], model, tokenizer, task, prompts, items,
+                                      max_new_tokens, batch_size)
+        # float64 zeros + exactly one writer per slot: the sum is exact, bit for bit
+        buf = torch.zeros(2, len(members), dtype=torch.float64)
+        buf[0, mine] = torch.tensor(rewards, dtype=torch.float64)
+        buf[1, mine] = torch.tensor(accs, dtype=torch.float64)
+        buf = buf.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf = buf.cpu()
+        return buf[0].tolist(), buf[1].tolist()
+
+    return evaluate
+
+
+def bytes_per_iteration(population_size: int, world: int, check_seeds: bool = True) -> int:
+    """Payload bytes one rank contributes per iteration: the all-reduced (2, N) float64 vector, plus
+    the 8-byte seed check. (A ring all-reduce moves about twice this per rank; still O(N), not O(P).)"""
+    if world <= 1:
+        return 0
+    return 2 * population_size * 8 + (8 if check_seeds else 0)
+
+
+def weight_bytes(model: torch.nn.Module | int, bytes_per_element: int = 2) -> int:
+    """What shipping the weights once would cost (``P x bytes_per_element``; bf16 = 2)."""
+    n = model if isinstance(model, int) else sum(p.numel() for p in model.parameters())
+    return int(n) * bytes_per_element
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``torchrun ... -m esnb.distributed``: the options of ``python -m esnb.finetune`` (see ``--help``)."""
+    from . import finetune as ft
+
+    ap = ft.build_parser()
+    ap.prog = "torchrun --standalone --nproc_per_node=W -m esnb.distributed"
+    ap.description = ("ES fine-tuning with the population spread over torchrun's processes (seeds out, "
+                      "rewards back); bit-identical to python -m esnb.finetune with the same settings.")
+    args = ap.parse_args(argv)
+    if args.resume:
+        ap.error("--resume is not supported by esnb.distributed yet; resume with python -m esnb.finetune "
+                 "--resume DIR (same results), or start a new run")
+    out, settings, _ = ft._cli_settings(ap, args)
+    try:
+        config = ft.FinetuneConfig(**{ft._CLI_CONFIG[k]: v for k, v in settings.items() if k in ft._CLI_CONFIG})
+    except ValueError as e:
+        ap.error(str(e))
+
+    rank, world = setup()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+    elif torch.get_num_threads() * local_world > (os.cpu_count() or 1):
+        # share the cores of this host between its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    device = config.device
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+    from .models import ModelNotAvailable, load_model
+    from .tasks import get_task
+
+    options = dict(settings.get("task_options") or {})
+    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() == "tiny":
+        options.setdefault("prompt_style", "compact")
+    try:
+        task = get_task(settings["task"], **options)
+        train_items, test_items = ft.default_items(task)
+    except (ValueError, TypeError) as e:
+        ap.error(f"--task: {e}")
+    if len(train_items) < config.train_size:
+        ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
+    try:
+        model, tokenizer = load_model(settings["model"], device=device, dtype=config.dtype)
+    except (ModelNotAvailable, OSError, ValueError) as e:
+        ap.error(f"--model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    lead = rank == 0
+    seen = {"eval": 0}
+
+    def report(result: ft.FinetuneResult) -> None:
+        if len(result.eval_rows) > seen["eval"]:
+            e = result.eval_rows[-1]
+            print(f"held-out after {e['iteration']} iterations: accuracy {e['test_accuracy']:.3f}, "
+                  f"reward {e['test_reward']:.4f}", flush=True)
+            seen["eval"] = len(result.eval_rows)
+        elif settings.get("no_progress") and result.log_rows:
+            r = result.log_rows[-1]
+            print(f"iteration {r['iteration']}: reward {r['reward_mean']:.4f}, accuracy {r['accuracy']:.3f}, "
+                  f"{r['iter_seconds']:.2f} s", flush=True)
+
+    if lead:
+        print(f"esnb.distributed: {world} processes, backend {dist.get_backend() if dist.is_initialized() else 'none'}, "
+              f"{config.population_size} members (up to {-(-config.population_size // world)} per process), "
+              f"{bytes_per_iteration(config.population_size, world)} bytes per process per iteration", flush=True)
+    try:
+        result = ft.finetune(model, tokenizer, task, train_items, test_items, config,
+                             output_dir=out if lead else None, callback=report if lead else None,
+                             progress=lead and not settings.get("no_progress"),
+                             metadata={"cli": settings, "world_size": world},
+                             population_evaluator=population_evaluator())
+        if lead:
+            print(f"done: {config.iterations} iterations on {world} processes, held-out accuracy "
+                  f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}, "
+                  f"{result.seconds_per_iteration:.2f} s/iteration; run in {out}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""esnb.distributed: a 2-process torchrun run is bit-identical to the single-process run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esnb.distributed import bytes_per_iteration, member_share, population_evaluator, weight_bytes
+from esnb.finetune import score_members
+
+ARGS = ["--model", "tiny", "--task", "countdown", "--iterations", "3", "--population", "5", "--train-size", "8",
+        "--test-size", "4", "--eval-every", "0", "--sigma", "0.01", "--alpha", "0.01", "--max-new-tokens", "48",
+        "--threads", "1", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _log(path):
+    rows = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: r[k] for k in ("iteration", "seeds", "signs", "weights", "reward_mean", "reward_min",
+                               "reward_max", "accuracy")} for r in rows]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "final" / "model.safetensors"))
+
+
+def test_member_share_covers_the_population_once():
+    for n in (1, 4, 5, 30):
+        for w in (1, 2, 3, 8):
+            got = sorted(i for r in range(w) for i in member_share(n, r, w))
+            assert got == list(range(n))
+
+
+def test_bytes_per_iteration_is_tiny():
+    assert bytes_per_iteration(30, 1) == 0
+    assert bytes_per_iteration(30, 8) == 30 * 16 + 8
+    assert weight_bytes(1_000_000) == 2_000_000
+
+
+def test_one_process_world_is_score_members():
+    assert population_evaluator().__name__ == "evaluate"  # no group: it falls back to score_members
+    assert not torch.distributed.is_initialized()
+    assert callable(score_members)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_bit_identical_to_one(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
+    d = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "esnb.distributed", *ARGS,
+                        "--output", str(dist_dir)], env=_env(), capture_output=True, text=True, timeout=240)
+    assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
+    assert "2 processes, backend gloo" in d.stdout
+    assert d.stdout.count("done:") == 1  # only rank 0 prints
+    s = subprocess.run([sys.executable, "-m", "esnb.finetune", *ARGS, "--output", str(single_dir)],
+                       env=_env(), capture_output=True, text=True, timeout=240)
+    assert s.returncode == 0, s.stdout[-3000:] + s.stderr[-3000:]
+
+    assert _log(dist_dir) == _log(single_dir)  # same seeds, signs, weights and rewards
+    a, b = _weights(dist_dir), _weights(single_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-identical final weights
+    ca = torch.load(dist_dir / "checkpoint.pt", weights_only=False)["es"]["master"]
+    cb = torch.load(single_dir / "checkpoint.pt", weights_only=False)["es"]["master"]
+    assert all(torch.equal(x, y) for x, y in zip(ca, cb))  # and the float32 master copies
+    # the weights moved at all (otherwise the comparison would prove little)
+    from esnb.models import load_model
+
+    base, _ = load_model("tiny", device="cpu", dtype="fp32")
+    assert any(not torch.equal(p.detach(), a[n]) for n, p in base.named_parameters() if n in a)
