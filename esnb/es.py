@@ -339,7 +339,8 @@ class ES:
             if self.config.weight_decay:
                 step = step - self.config.alpha * self.config.weight_decay * master
             master.add_(step)
-            sq += float(step.double().pow(2).sum())
+            flat = step.reshape(-1)
+            sq += float(torch.dot(flat, flat))  # the logged norm; float32 is plenty and needs no copy
         self.params.sync()
         return math.sqrt(sq)
 
