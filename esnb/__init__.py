@@ -1,14 +1,33 @@
 """esnb: fine-tuning neural networks, up to LLMs, with evolution strategies.
 
 The helper package of the notebook course. Notebooks teach; this package holds the code they share.
+
+The ES core is imported eagerly (it needs only torch). The modules that pull in transformers or TRL
+(``esnb.models``, ``esnb.generation``, ``esnb.finetune``, ``esnb.grpo``, ...) load on first use, so
+``import esnb`` stays fast: ``esnb.finetune.finetune(...)`` works without importing it first.
 """
+import importlib
+
 from ._env import DATA_DIR, NOTEBOOKS_DIR, REPO_ROOT, record, smoke_mode
 from .es import ES, ESConfig, Member, centered_ranks, es_gradient, shape_fitness, zscore
 from .landscapes import LANDSCAPES, get_landscape
+from .noise import ParameterSet, perturbed
+from .runlog import RunLog, load_checkpoint, replay, save_checkpoint
 
 __all__ = [
     "DATA_DIR", "NOTEBOOKS_DIR", "REPO_ROOT", "record", "smoke_mode",
     "ES", "ESConfig", "Member", "centered_ranks", "es_gradient", "shape_fitness", "zscore",
     "LANDSCAPES", "get_landscape",
+    "ParameterSet", "perturbed",
+    "RunLog", "load_checkpoint", "replay", "save_checkpoint",
 ]
 __version__ = "0.1.0"
+
+_LAZY_MODULES = {"analysis", "distributed", "doctor", "finetune", "generation", "grpo", "lowrank", "models",
+                 "plots", "run", "tasks", "tinylm", "toy", "widgets"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'esnb' has no attribute {name!r}")
