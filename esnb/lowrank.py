@@ -1,0 +1,339 @@
+"""Low-rank ES noise (EGGROLL, Sarkar et al. 2025, arXiv 2511.16652): a population in one forward.
+
+With full-rank noise every member has its own weights, so N members cost N separate forward
+passes. EGGROLL perturbs every weight matrix ``W`` (out x in) of member n by a rank-r product
+
+    eps_n(W) = A_n B_n^T / sqrt(r),     A_n: out x r,  B_n: in x r,  Gaussian from the member's seed
+
+(each entry still has variance one). Then ``(W + sigma eps_n) x = W x + (sigma/sqrt r) A_n (B_n^T x)``:
+the expensive product ``W x`` is shared by all members (one large matrix multiply over the rows of
+the whole population) and each member adds a cheap rank-r correction. Vectors (norm weights,
+biases) keep full-rank noise; they are tiny. The update is still ``theta += alpha mean_n z_n eps_n``,
+which for a matrix is ``(A diag(alpha z / (N sqrt r))) B^T`` over all members: one matrix product
+of rank at most N r, assembled from regenerated factors (so a run is still a seed log).
+
+This module holds
+
+* :class:`LowRankES` -- the ask/tell optimizer of :class:`esnb.es.ES` with low-rank noise
+  (``perturbed(member)`` materializes ``W + sigma eps`` in place, so any code can evaluate a
+  member the ordinary way; ``tell`` applies the low-rank update);
+* :func:`generate_population` -- greedy generation for many members in one batched forward
+  (plain Llama models, e.g. the tiny LM and SmolLM2);
+* :func:`score_population` -- mean reward and accuracy per member, the drop-in for
+  :func:`esnb.finetune.score_members`.
+
+What is left out: the vectorized path handles ``LlamaForCausalLM`` with default RoPE and no
+biases (others fall back to one member at a time), stop strings longer than one token are only
+applied after generation (the batch runs to the token cap), and there is no distributed variant
+(``esnb.distributed`` works with full-rank noise).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .es import ES, Adam, ESConfig, Member
+from .generation import _eos_ids, _fast_llama_ok, _split_stops, _truncate, cpu_threads, generate
+from .noise import _generator, noise_like, stream_seed
+
+__all__ = ["LowRankES", "lowrank_factors", "lowrank_noise", "generate_population", "score_population"]
+
+
+def lowrank_factors(shape: Sequence[int], seed: int, index: int, rank: int, device: Any = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of a matrix of ``shape = (out, in)``, a pure function of (seed, tensor index, rank):
+    A is out x r, B is in x r, both standard Gaussian."""
+    out_f, in_f = int(shape[0]), int(shape[1])
+    gen = _generator(torch.device(device))
+    gen.manual_seed(stream_seed(seed, index) ^ 0x10_4A_4E)  # apart from the full-rank stream
+    a = torch.randn(out_f, rank, generator=gen, device=device, dtype=dtype)
+    b = torch.randn(in_f, rank, generator=gen, device=device, dtype=dtype)
+    return a, b
+
+
+def lowrank_noise(tensor: torch.Tensor, seed: int, index: int, rank: int) -> torch.Tensor:
+    """The noise of one tensor under low-rank ES: ``A B^T / sqrt(r)`` for a matrix, full-rank
+    Gaussian (as :func:`esnb.noise.noise_like`) for anything else. Float32 (float64 stays)."""
+    if tensor.dim() != 2:
+        return noise_like(tensor, seed, index)
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    a, b = lowrank_factors(tensor.shape, seed, index, rank, tensor.device, dtype)
+    return (a @ b.T).div_(math.sqrt(rank))
+
+
+class LowRankES(ES):
+    """:class:`esnb.es.ES` with rank-``rank`` noise on every matrix (EGGROLL).
+
+    Same config, same seeds (:meth:`ask`), same fitness shaping and seed log; only the noise of a
+    member differs. ``rank=None`` would be full rank: use :class:`esnb.es.ES` for that.
+    """
+
+    def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], config: ESConfig | None = None,
+                 rank: int = 1, master_device: str | torch.device | None = None):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        super().__init__(params, config, master_device=master_device)
+        self.rank = rank
+
+    def factors(self, member: Member, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of parameter ``index`` for ``member`` (master precision, master device)."""
+        m = self.params.master[index]
+        return lowrank_factors(m.shape, member.seed, index, self.rank, m.device, m.dtype)
+
+    def noise(self, member: Member) -> torch.Tensor:
+        return torch.cat([member.sign * lowrank_noise(m, member.seed, i, self.rank).reshape(-1)
+                          for i, m in enumerate(self.params.master)])
+
+    @contextmanager
+    def perturbed(self, member: Member) -> Iterator[None]:
+        """Working weights := master + sigma * sign * eps (low rank) inside the block; exact restore after."""
+        ps = self.params
+        if ps.perturbed_by is not None:
+            raise RuntimeError("parameters are already perturbed; restore() first")
+        sigma = member.sign * self.config.sigma
+        ps.perturbed_by = (member.seed, sigma)
+        try:
+            with torch.no_grad():
+                for i, (p, m) in enumerate(zip(ps.params, ps.master)):
+                    eps = lowrank_noise(m, member.seed, i, self.rank)
+                    p.copy_(eps.mul_(sigma).add_(m))
+                    del eps
+            yield
+        finally:
+            ps.restore()
+
+    @torch.no_grad()
+    def apply_update(self, seeds: Sequence[int], signs: Sequence[int], weights: Sequence[float]) -> float:
+        """theta += step(mean_n w_n sign_n eps_n); for a matrix the sum is one product
+        ``A_all diag(c) B_all^T`` of the stacked factors."""
+        n = len(seeds)
+        coef: dict[int, float] = {}
+        for s, sg, w in zip(seeds, signs, weights):
+            coef[s] = coef.get(s, 0.0) + sg * w
+        coef = {s: c for s, c in coef.items() if c != 0.0}
+        if isinstance(self.optimizer, Adam):
+            self.optimizer.begin()
+        sq = 0.0
+        for i, master in enumerate(self.params.master):
+            if master.dim() == 2 and coef:
+                fa, fb = zip(*(lowrank_factors(master.shape, s, i, self.rank, master.device, master.dtype)
+                               for s in coef))
+                scale = torch.tensor([c / (n * math.sqrt(self.rank)) for c in coef.values()],
+                                     dtype=master.dtype, device=master.device).repeat_interleave(self.rank)
+                grad = (torch.cat(fa, dim=1) * scale) @ torch.cat(fb, dim=1).T
+            else:
+                grad = torch.zeros_like(master)
+                for s, c in coef.items():
+                    grad.add_(noise_like(master, s, i), alpha=c / n)
+            step = self.optimizer.step(i, grad)
+            if self.config.weight_decay:
+                step = step - self.config.alpha * self.config.weight_decay * master
+            master.add_(step)
+            sq += float(step.double().pow(2).sum())
+        self.params.sync()
+        return math.sqrt(sq)
+
+
+# ---------------------------------------------------------------- population-batched decoding
+
+
+class _PopLlama:
+    """Greedy decoding of M low-rank members of a ``LlamaForCausalLM`` at once.
+
+    Activations are (M, B, T, H). Matrices: ``x W^T`` over all M*B rows (shared), plus
+    ``(sigma/sqrt r) (x B_m) A_m^T`` per member (batched); vectors: ``w + sigma eps_m`` per member.
+    """
+
+    def __init__(self, model, es: LowRankES, members: Sequence[Member]):
+        cfg = model.config
+        self.model = model
+        self.eps = cfg.rms_norm_eps
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        p0 = next(model.parameters())
+        self.dtype, dev = p0.dtype, p0.device
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float, device=dev) / self.hd))
+        self.M = len(members)
+        r = es.rank
+        index = {id(p): i for i, p in enumerate(es.params.params)}
+        sig = torch.tensor([m.sign * es.config.sigma for m in members], dtype=torch.float32, device=dev)
+        self.lr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(weight) -> (A^T*s (M,r,out), B (M,in,r))
+        self.vec: dict[int, torch.Tensor] = {}                       # id(weight) -> (M, n) perturbed vectors
+        for p in model.parameters():
+            i = index[id(p)]
+            master = es.params.master[i]
+            if p.dim() == 2:
+                fa, fb = zip(*(lowrank_factors(p.shape, m.seed, i, r, dev, torch.float32) for m in members))
+                a = torch.stack(fa) * (sig / math.sqrt(r))[:, None, None]       # (M, out, r)
+                self.lr[id(p)] = (a.transpose(1, 2).to(self.dtype).contiguous(), torch.stack(fb).to(self.dtype))
+            else:
+                eps = torch.stack([noise_like(master, m.seed, i) for m in members])
+                self.vec[id(p)] = (master.to(dev)[None] + sig.view(-1, *[1] * master.dim()) * eps).to(self.dtype)
+        self.embed = model.model.embed_tokens.weight
+        self.head = model.lm_head.weight
+
+    def lin(self, x, w):
+        """x: (M, B, T, in) -> (M, B, T, out) with member m's weight W + sigma eps_m."""
+        M, B, T, _ = x.shape
+        y = torch.nn.functional.linear(x, w)
+        at, b = self.lr[id(w)]
+        low = torch.bmm(torch.bmm(x.reshape(M, B * T, -1), b), at)
+        return y + low.view(M, B, T, -1)
+
+    def norm(self, x, w):
+        dt = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.vec[id(w)][:, None, None, :] * xf.to(dt)
+
+    def embed_tokens(self, ids):
+        """ids: (B, T) shared by all members -> (M, B, T, H)."""
+        at, b = self.lr[id(self.embed)]           # at: (M, r, vocab), b: (M, H, r)
+        base = self.embed[ids][None]              # (1, B, T, H)
+        rows = at[:, :, ids]                      # (M, r, B, T)
+        low = torch.einsum("mrbt,mhr->mbth", rows, b)
+        return base + low
+
+    def logits(self, h):
+        h = self.norm(h, self.model.model.norm.weight)
+        return self.lin(h, self.head)
+
+    def _cos_sin(self, pos):
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
+
+    def layers(self, h, cos, sin, start, mask):
+        from .generation import _rotate
+
+        M, B, T, _ = h.shape
+        rep = self.nh // self.nkv
+        for i, layer in enumerate(self.model.model.layers):
+            att = layer.self_attn
+            x = self.norm(h, layer.input_layernorm.weight)
+            q = self.lin(x, att.q_proj.weight).reshape(M * B, T, self.nh, self.hd).transpose(1, 2)
+            k = self.lin(x, att.k_proj.weight).reshape(M * B, T, self.nkv, self.hd).transpose(1, 2)
+            v = self.lin(x, att.v_proj.weight).reshape(M * B, T, self.nkv, self.hd).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            self.k[i][:, :, start:start + T] = k
+            self.v[i][:, :, start:start + T] = v
+            kk, vv = self.k[i][:, :, :start + T], self.v[i][:, :, :start + T]
+            if rep > 1:
+                kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+            o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            o = o.transpose(1, 2).reshape(M, B, T, self.nh * self.hd)
+            h = h + self.lin(o, att.o_proj.weight)
+            x = self.norm(h, layer.post_attention_layernorm.weight)
+            g = self.lin(x, layer.mlp.gate_proj.weight)
+            u = self.lin(x, layer.mlp.up_proj.weight)
+            h = h + self.lin(torch.nn.functional.silu(g) * u, layer.mlp.down_proj.weight)
+        return h
+
+    def prefill(self, ids, attn, max_new):
+        B, T = ids.shape
+        M, dev = self.M, ids.device
+        total = T + max_new
+        self.k = [torch.empty(M * B, self.nkv, total, self.hd, dtype=self.dtype, device=dev)
+                  for _ in self.model.model.layers]
+        self.v = [torch.empty_like(x) for x in self.k]
+        self.valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        self.valid[:, :T] = attn.bool()
+        self.t = T
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        cos, sin = self._cos_sin(pos.repeat(M, 1))
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        mask = (causal[None] & self.valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+        h = self.layers(self.embed_tokens(ids), cos, sin, 0, mask.repeat(M, 1, 1)[:, None])
+        self.pos = pos[:, -1:]
+        return self.logits(h[:, :, -1:])[:, :, 0]          # (M, B, vocab)
+
+    def step(self, tok):
+        """tok: (M, B) -> logits (M, B, vocab)."""
+        M, B = tok.shape
+        self.pos = self.pos + 1
+        cos, sin = self._cos_sin(self.pos.repeat(M, 1))
+        self.valid[:, self.t] = True
+        mask = self.valid[:, None, None, :self.t + 1].repeat(M, 1, 1, 1)
+        at, b = self.lr[id(self.embed)]
+        base = self.embed[tok]                                        # (M, B, H)
+        low = torch.bmm(at.transpose(1, 2).gather(1, tok[:, :, None].expand(M, B, at.shape[1])), b.transpose(1, 2))
+        h = self.layers((base + low)[:, :, None], cos, sin, self.t, mask)
+        self.t += 1
+        return self.logits(h)[:, :, 0]
+
+
+@torch.inference_mode()
+def generate_population(es: LowRankES, members: Sequence[Member], model: Any, tokenizer: Any,
+                        prompts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
+                        threads: int | None = None) -> list[list[str]]:
+    """Greedy completions of ``prompts`` for each member (a list per member), all members in one
+    batched forward per token. Falls back to one member at a time for models the vectorized path
+    does not cover. The model's weights must be the unperturbed ones (``es``'s master)."""
+    prompts = list(prompts)
+    if not members or not prompts:
+        return [[] for _ in members]
+    if not _fast_llama_ok(model):
+        out = []
+        for m in members:
+            with es.perturbed(m):
+                out.append(generate(model, tokenizer, prompts, max_new_tokens, stop_strings,
+                                    batch_size=len(prompts), threads=threads))
+        return out
+    with cpu_threads(model, threads):
+        device = next(model.parameters()).device
+        eos = _eos_ids(model, tokenizer)
+        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = not (bos and all(p.startswith(bos) for p in prompts))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special)
+        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        M, B = len(members), ids.shape[0]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        finish = torch.tensor(sorted(eos | token_stops), device=device, dtype=torch.long)
+        stops = torch.tensor(sorted(token_stops), device=device, dtype=torch.long)
+        out = torch.full((M, B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        keep = torch.zeros((M, B, max_new_tokens), dtype=torch.bool, device=device)
+        done = torch.zeros((M, B), dtype=torch.bool, device=device)
+        dec = _PopLlama(model, es, members)
+        logits = dec.prefill(ids, attn, max_new_tokens)
+        steps = 0
+        for t in range(max_new_tokens):
+            nxt = logits.argmax(dim=-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[:, :, t] = nxt
+            keep[:, :, t] = ~done & (~torch.isin(nxt, finish) | torch.isin(nxt, stops))
+            done = done | torch.isin(nxt, finish)
+            steps = t + 1
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = dec.step(nxt)
+        out, keep = out[:, :, :steps].cpu(), keep[:, :, :steps].cpu()
+    texts = []
+    for m in range(M):
+        row = [tokenizer.decode(o[k].tolist(), skip_special_tokens=True) for o, k in zip(out[m], keep[m])]
+        texts.append([_truncate(x, text_stops) if text_stops else x for x in row])
+    return texts
+
+
+def score_population(es: LowRankES, members: Sequence[Member], model: Any, tokenizer: Any, task: Any,
+                     prompts: Sequence[str], items: Sequence[Any], max_new_tokens: int,
+                     batch_size: int | None = None) -> tuple[list[float], list[float]]:
+    """Mean reward and accuracy of each member over ``prompts`` (as :func:`esnb.finetune.score_members`),
+    with ``batch_size`` members per batched forward (``None``: all at once)."""
+    members = list(members)
+    step = batch_size or len(members)
+    rewards, accs = [], []
+    for s in range(0, len(members), step):
+        chunk = members[s:s + step]
+        for texts in generate_population(es, chunk, model, tokenizer, prompts, max_new_tokens, task.stop_strings):
+            scores = [task.score(c, it) for c, it in zip(texts, items)]
+            rewards.append(float(np.mean([float(x["reward"]) for x in scores])))
+            accs.append(float(np.mean([bool(x["correct"]) for x in scores])))
+    return rewards, accs
