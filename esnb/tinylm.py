@@ -118,11 +118,24 @@ def train(steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size
     stops at the first evaluation that reaches it: we want a model that is weak but not
     hopeless. Pass ``model``/``tokenizer`` to continue from a trained model.
 
+    ``threads``: CPU threads while training (restored afterwards); one is the fastest choice
+    for a model this small on a shared 2-core machine.
+
     Returns ``(model, tokenizer, log)`` where ``log`` is a list of dicts (step, loss, lr,
     val_accuracy where measured, seconds).
     """
+    old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        return _train(steps, batch_size, lr, warmup, n_sft, seed, hidden_size, layers, heads,
+                      intermediate_size, eval_every, n_val, target_acc, model, tokenizer, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(steps, batch_size, lr, warmup, n_sft, seed, hidden_size, layers, heads,
+           intermediate_size, eval_every, n_val, target_acc, model, tokenizer, progress):
     tokenizer = tokenizer or build_tokenizer()
     if model is None:
         model = build_model(len(tokenizer), hidden_size, layers, heads, intermediate_size, seed)
