@@ -109,3 +109,79 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------- where the weights moved (notebook 09)
+
+LAYER_TYPES = ("embeddings", "attention", "mlp", "norms", "other")
+
+
+def layer_type(name: str) -> str:
+    """The kind of a parameter from its name (Llama-style naming): ``embeddings`` (token embeddings,
+    LM head), ``attention`` (q/k/v/o projections), ``mlp`` (gate/up/down), ``norms`` (RMSNorm
+    weights) or ``other``."""
+    n = name.lower()
+    if "embed" in n or "lm_head" in n or n.endswith("wte.weight") or "wpe" in n:
+        return "embeddings"
+    if "norm" in n or n.endswith("ln_f.weight") or ".ln_" in n:
+        return "norms"
+    if "attn" in n or "attention" in n or any(f"{p}_proj" in n for p in "qkvo"):
+        return "attention"
+    if "mlp" in n or any(p in n for p in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2")):
+        return "mlp"
+    return "other"
+
+
+def group_shifts(shifts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate per-tensor shifts (from :func:`weight_shifts`) into ``"all"`` and one entry per
+    layer type present."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for k, d in shifts.items():
+        groups.setdefault(layer_type(k), []).append(d.reshape(-1))
+    out = {"all": torch.cat([d.reshape(-1) for d in shifts.values()])}
+    out.update({t: torch.cat(groups[t]) for t in LAYER_TYPES if t in groups})
+    return out
+
+
+def matched_random_walk(shifts: dict[str, torch.Tensor], steps: int, step_rms: float | None = None,
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random walk over the same tensors: ``steps`` steps of i.i.d. Gaussian noise with RMS
+    ``step_rms`` per element. ``step_rms=None`` matches the size of the walk to the observed
+    change: ``rms(all shifts) / sqrt(steps)``, so that walk and run have the same overall RMS and
+    differ only in *shape* (how the change is spread over weights). The sum of ``steps`` Gaussian
+    steps is itself Gaussian with variance ``steps * step_rms**2``, so it is drawn in one go."""
+    if steps < 1:
+        raise ValueError("steps: must be >= 1")
+    if step_rms is None:
+        flat = torch.cat([d.reshape(-1).double() for d in shifts.values()])
+        step_rms = float(flat.pow(2).mean().sqrt()) / steps ** 0.5
+    gen = torch.Generator().manual_seed(seed)
+    scale = step_rms * steps ** 0.5
+    return {k: torch.randn(d.shape, generator=gen, dtype=torch.float64) * scale for k, d in shifts.items()}
+
+
+def displacement_ratio(shifts: dict[str, torch.Tensor], step_rms: Iterable[float]) -> float:
+    """Observed RMS change / the RMS a random walk with these per-step sizes would reach
+    (``sqrt(sum step_rms**2)``). About 1: the steps were as good as independent (random-walk-like);
+    up to ``sqrt(steps)``: they kept pointing the same way (drift)."""
+    s = torch.tensor([float(x) for x in step_rms], dtype=torch.float64)
+    flat = torch.cat([d.reshape(-1).double() for d in shifts.values()])
+    return float(flat.pow(2).mean().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-300))
+
+
+def shift_stats(groups: dict[str, torch.Tensor]) -> "object":
+    """One row per group: count, RMS, mean |delta|, excess kurtosis (0 for a Gaussian, i.e. a
+    random walk; large = a few weights moved a lot, many barely), and the fraction of weights
+    whose change is below a tenth of the RMS."""
+    import pandas as pd
+
+    rows = []
+    for k, d in groups.items():
+        d = d.double().reshape(-1)
+        rms = float(d.pow(2).mean().sqrt())
+        m = d - d.mean()
+        var = float(m.pow(2).mean())
+        kurt = float(m.pow(4).mean() / var ** 2 - 3) if var > 0 else float("nan")
+        rows.append({"group": k, "numel": d.numel(), "rms": rms, "mean_abs": float(d.abs().mean()),
+                     "excess_kurtosis": kurt, "small_fraction": float((d.abs() < 0.1 * rms).double().mean())})
+    return pd.DataFrame(rows).set_index("group")

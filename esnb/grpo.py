@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "PeakRSS",
+__all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "measure_memory", "PeakRSS",
            "rss_bytes", "training_state_bytes"]
 
 FINAL = "final"
@@ -391,7 +391,6 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
         ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
                       max_new_tokens=max_new, progress=False)
         took = time.perf_counter() - t
-        clock["paused"] += took
         result.eval_rows.append({"iteration": step, "test_accuracy": ev["accuracy"],
                                  "test_reward": ev["mean_reward"], "samples": counter["samples"],
                                  "seconds": result.seconds, "eval_seconds": took})
@@ -400,6 +399,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
             result.samples_before = ev["samples"]
         if callback is not None:
             callback(result)
+        clock["paused"] += time.perf_counter() - t  # evaluation and callback are not training time
 
     held_out(0)
 
@@ -455,7 +455,9 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
                 bar.set_postfix(reward=f"{mean:.3g}", acc=f"{row['accuracy']:.3f}",
                                 test=f"{result.eval_rows[-1]['test_accuracy']:.3f}")
             if callback is not None:
+                t_cb = time.perf_counter()
                 callback(result)
+                clock["paused"] += time.perf_counter() - t_cb
             if (config.eval_every and step % config.eval_every == 0) or step >= config.steps:
                 held_out(step)
             clock["last"] = time.perf_counter()
@@ -611,3 +613,72 @@ def load_result(output_dir: str | os.PathLike) -> GRPOResult:
         data = rows(f"{name}.jsonl")
         setattr(result, name, pd.DataFrame(data) if data else None)
     return result
+
+
+# ------------------------------------------------------------------------------------ memory probe
+
+
+def measure_memory(method: str, model: str = "tiny", task: str = "countdown",
+                   task_options: dict | None = None, settings: dict | None = None,
+                   n_train: int = 64, n_test: int = 16, threads: int = 1, timeout: float = 600) -> dict:
+    """Peak extra memory of a short ES or GRPO run, measured in a **fresh Python process**.
+
+    In a long-lived notebook process the allocator keeps memory from earlier runs, so a second
+    measurement sees almost nothing; a child process starts clean. The child loads the model and
+    the task, imports both training stacks (so library imports are not counted against either
+    method), then runs ``method`` (``"es"``: :func:`esnb.finetune.finetune` with
+    ``FinetuneConfig(**settings)``; ``"grpo"``: :func:`train_grpo` with
+    ``GRPORunConfig(**settings)``) inside :class:`PeakRSS`. Returns ``{"method", "peak_rss",
+    "rss_start", "cuda_peak", "weights_bytes", "seconds"}`` (bytes).
+    """
+    import subprocess
+    import sys
+
+    if method not in ("es", "grpo"):
+        raise ValueError(f"method: expected 'es' or 'grpo', got {method!r}")
+    spec = {"method": method, "model": model, "task": task, "task_options": task_options or {},
+            "settings": settings or {}, "n_train": n_train, "n_test": n_test, "threads": threads}
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "esnb.grpo", "--probe", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe ({method}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _probe(spec: dict) -> dict:
+    torch.set_num_threads(int(spec.get("threads") or 1))
+    # both stacks imported (and the Trainer's lazy modules loaded) before the baseline
+    import datasets  # noqa: F401
+    from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+
+    from .finetune import FinetuneConfig, default_items, finetune
+    from .models import load_model
+    from .tasks import get_task
+
+    model, tok = load_model(spec["model"], device="cuda" if torch.cuda.is_available() else "cpu")
+    task = get_task(spec["task"], **spec["task_options"])
+    train, test = default_items(task)
+    train, test = train[:spec["n_train"]], test[:spec["n_test"]]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    t = time.perf_counter()
+    with PeakRSS() as mem:
+        if spec["method"] == "es":
+            cfg = FinetuneConfig(**{"train_size": len(train), "save_final": False, **spec["settings"]})
+            finetune(model, tok, task, train, test, cfg, progress=False)
+        else:
+            cfg = GRPORunConfig(**{"progress": False, **spec["settings"]})
+            train_grpo(model, tok, task, train, test, cfg)
+    return {"method": spec["method"], "peak_rss": mem.peak, "rss_start": mem.start,
+            "cuda_peak": mem.cuda_peak, "weights_bytes": weights,
+            "seconds": time.perf_counter() - t}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m esnb.grpo",
+                                 description="Internal: the memory probe behind measure_memory().")
+    ap.add_argument("--probe", required=True, help="JSON spec (see measure_memory)")
+    print(json.dumps(_probe(json.loads(ap.parse_args().probe))))

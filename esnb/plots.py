@@ -133,3 +133,37 @@ def shift_histograms(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray],
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return ax
+
+
+# ---------------------------------------------------------------- notebooks 06-09 (ES vs GRPO)
+
+
+def interpolate_runs(frames, x: str, y: str, grid: Sequence[float]) -> np.ndarray:
+    """``y`` of each run (a DataFrame with columns ``x``, ``y``) linearly interpolated onto
+    ``grid``; NaN outside the range a run covered (never extrapolated). Shape (runs, len(grid))."""
+    grid = np.asarray(grid, dtype=float)
+    out = np.full((len(frames), grid.size), np.nan)
+    for i, f in enumerate(frames):
+        xs, ys = np.asarray(f[x], dtype=float), np.asarray(f[y], dtype=float)
+        order = np.argsort(xs, kind="stable")
+        xs, ys = xs[order], ys[order]
+        inside = (grid >= xs[0]) & (grid <= xs[-1])
+        out[i, inside] = np.interp(grid[inside], xs, ys)
+    return out
+
+
+def seed_band(ax: plt.Axes, frames, x: str, y: str, label: str, color: str | None = None,
+              points: int = 100, show_runs: bool = True) -> np.ndarray:
+    """Mean over seeds (line) with a band from the lowest to the highest seed, and each seed as a
+    thin line: how one method's runs spread. Runs are interpolated onto a common ``x`` grid up to
+    the shortest run. Returns the (runs, points) interpolated values."""
+    end = min(float(np.max(f[x])) for f in frames)
+    start = max(float(np.min(f[x])) for f in frames)
+    grid = np.linspace(start, end, points)
+    vals = interpolate_runs(frames, x, y, grid)
+    line, = ax.plot(grid, vals.mean(0), label=f"{label} (mean of {len(frames)})", color=color, linewidth=2)
+    ax.fill_between(grid, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
+    if show_runs:
+        for f in frames:
+            ax.plot(f[x], f[y], color=line.get_color(), linewidth=0.7, alpha=0.5)
+    return vals

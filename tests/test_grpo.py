@@ -176,3 +176,62 @@ def test_shipped_tiny_on_countdown_stops_at_answer():
     assert res.samples == 8
     assert model.generation_config.eos_token_id == eos_before
     assert res.log["mean_length"].max() <= task.max_new_tokens
+
+
+# ---------------------------------------------------------------- weight-shift helpers (notebook 09)
+
+def test_layer_types_of_llama_names():
+    from esnb.analysis import group_shifts, layer_type
+
+    model, _ = fresh_model()
+    kinds = {layer_type(k) for k, _ in model.named_parameters()}
+    assert kinds == {"embeddings", "attention", "mlp", "norms"}
+    assert layer_type("model.layers.3.self_attn.k_proj.weight") == "attention"
+    assert layer_type("model.layers.3.mlp.down_proj.weight") == "mlp"
+    assert layer_type("model.layers.3.post_attention_layernorm.weight") == "norms"
+    assert layer_type("lm_head.weight") == "embeddings"
+    shifts = {k: torch.ones(p.numel()) for k, p in model.named_parameters()}
+    groups = group_shifts(shifts)
+    assert groups["all"].numel() == sum(p.numel() for p in model.parameters())
+    assert sum(groups[k].numel() for k in groups if k != "all") == groups["all"].numel()
+
+
+def test_matched_random_walk_matches_size_and_is_seeded():
+    from esnb.analysis import matched_random_walk
+
+    shifts = {"a": torch.randn(200, 50) * 0.01, "b": torch.randn(3000) * 0.01}
+    walk = matched_random_walk(shifts, steps=25, seed=3)
+    assert {k: v.shape for k, v in walk.items()} == {k: v.shape for k, v in shifts.items()}
+    rms = lambda d: float(torch.cat([v.reshape(-1).double() for v in d.values()]).pow(2).mean().sqrt())
+    assert abs(rms(walk) / rms(shifts) - 1) < 0.05
+    again = matched_random_walk(shifts, steps=25, seed=3)
+    assert all(torch.equal(walk[k], again[k]) for k in walk)
+    fixed = matched_random_walk(shifts, steps=16, step_rms=0.002, seed=0)
+    assert abs(rms(fixed) - 0.002 * 4) < 0.0005
+    with pytest.raises(ValueError, match="steps"):
+        matched_random_walk(shifts, steps=0)
+
+
+def test_displacement_ratio_tells_a_walk_from_a_drift():
+    from esnb.analysis import displacement_ratio
+
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(20000, generator=gen) * 0.01 for _ in range(16)]
+    walk = {"w": torch.stack(steps).sum(0)}
+    drift = {"w": steps[0] * 16}
+    sizes = [0.01] * 16
+    assert abs(displacement_ratio(walk, sizes) - 1) < 0.05
+    assert abs(displacement_ratio(drift, sizes) - 4) < 0.2
+
+
+def test_shift_stats_kurtosis_separates_gaussian_from_sparse():
+    from esnb.analysis import shift_stats
+
+    gen = torch.Generator().manual_seed(0)
+    gauss = torch.randn(50000, generator=gen)
+    sparse = torch.zeros(50000)
+    sparse[:500] = torch.randn(500, generator=gen) * 10
+    stats = shift_stats({"gauss": gauss, "sparse": sparse})
+    assert abs(stats.loc["gauss", "excess_kurtosis"]) < 0.2
+    assert stats.loc["sparse", "excess_kurtosis"] > 50
+    assert stats.loc["sparse", "small_fraction"] > 0.9
