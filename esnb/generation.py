@@ -185,6 +185,12 @@ class _LeanLlama:
         self.pos = self.pos[:, -1:]
         return self._logits(h[:, -1])
 
+    def select(self, rows):
+        """Keep only the batch rows ``rows`` (finished sequences stop costing compute)."""
+        self.k = [x[rows] for x in self.k]
+        self.v = [x[rows] for x in self.v]
+        self.valid, self.pos = self.valid[rows], self.pos[rows]
+
     def step(self, tok):
         self.pos = self.pos + 1
         cos, sin = self._cos_sin(self.pos, self.head.dtype)
@@ -232,6 +238,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
     lean = _LeanLlama(model) if fast else None
     if lean is not None:
         logits = lean.prefill(ids, mask, max_new_tokens)
+        active = torch.arange(batch, device=device)  # the rows still in the lean decoder's batch
     else:
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                     logits_to_keep=1)
@@ -254,7 +261,14 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         if lean is not None:
-            logits = lean.step(nxt)
+            # drop finished rows from the batch once a quarter of it is done: a batch otherwise
+            # runs at full width until its longest completion ends
+            alive = (~done).nonzero().flatten()
+            if alive.numel() <= 0.75 * active.numel():
+                lean.select(torch.searchsorted(active, alive))
+                active = alive
+            logits = torch.zeros((batch, logits.shape[-1]), dtype=logits.dtype, device=device)
+            logits[active] = lean.step(nxt[active])
             continue
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos + 1
