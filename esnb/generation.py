@@ -145,14 +145,17 @@ class _LeanLlama:
             kcache[i][:, :, start:start + t] = k
             vcache[i][:, :, start:start + t] = v
             kk, vv = kcache[i][:, :, :start + t], vcache[i][:, :, :start + t]
-            if rep > 1:
-                kk = kk.repeat_interleave(rep, dim=1)
-                vv = vv.repeat_interleave(rep, dim=1)
             if t == 1:  # one query: plain matmuls beat the fused CPU kernel at this size
-                w = torch.matmul(q, kk.transpose(-1, -2)) * self.scale
+                # grouped-query attention without copying the cache: the `rep` query heads that
+                # share a key/value head become `rep` query rows of that head
+                qg = q.reshape(b, self.nkv, rep, self.hd)
+                w = torch.matmul(qg, kk.transpose(-1, -2)) * self.scale
                 w = w.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                o = torch.matmul(w, vv)
+                o = torch.matmul(w, vv).reshape(b, self.nh, 1, self.hd)
             else:
+                if rep > 1:
+                    kk = kk.repeat_interleave(rep, dim=1)
+                    vv = vv.repeat_interleave(rep, dim=1)
                 o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
             o = o.transpose(1, 2).reshape(b, t, self.nh * self.hd)
             h = h + torch.nn.functional.linear(o, att.o_proj.weight)
