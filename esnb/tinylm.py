@@ -170,7 +170,7 @@ def _train(steps, batch_size, lr, warmup, n_sft, seed, hidden_size, layers, head
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        row = {"step": step + 1, "loss": float(loss), "lr": lr_at(step),
+        row = {"step": step + 1, "loss": loss.detach().item(), "lr": lr_at(step),
                "seconds": time.perf_counter() - t0}
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             row["val_accuracy"] = _val_accuracy(model, tokenizer, val)
