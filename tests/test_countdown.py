@@ -272,3 +272,12 @@ def test_chat_prompt_uses_the_template():
     assert text.startswith("system:") and text.endswith("<think>") and "[1, 2]" in text
     with pytest.raises(ValueError, match="tokenizer"):
         get_task("countdown", prompt_style="chat").prompt({"numbers": [1, 2], "target": "3"}, None)
+
+
+def test_regenerate_command_reproduces_the_shipped_files(tmp_path, capsys):
+    from esnb._env import DATA_DIR
+
+    cd.main(["--regenerate", "--out", str(tmp_path)])
+    for name in (cd.TRAIN_FILE, cd.TEST_FILE):
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes()
+    assert "wrote 256 train and 512 test puzzles" in capsys.readouterr().out
