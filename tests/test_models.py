@@ -74,3 +74,22 @@ def test_smollm2_loads_offline_and_answers(monkeypatch):
                                      tokenize=False, add_generation_prompt=True)
     out = generate(model, tok, [prompt], max_new_tokens=12)
     assert isinstance(out[0], str) and out[0].strip()
+
+
+def test_tinylm_training_is_seeded_and_saves_in_hf_format(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esnb import tinylm
+
+    opts = dict(steps=3, batch_size=8, n_sft=64, n_val=8, hidden_size=32, layers=1, heads=2,
+                intermediate_size=64, warmup=1, eval_every=0, target_acc=None, progress=False)
+    threads = torch.get_num_threads()
+    m1, tok, log1 = tinylm.train(seed=0, **opts)
+    _, _, log2 = tinylm.train(seed=0, **opts)
+    assert [r["loss"] for r in log1] == [r["loss"] for r in log2]
+    assert torch.get_num_threads() == threads          # restored
+    tinylm.save(m1, tok, log1, tmp_path, meta={"steps": 3})
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(again.model.embed_tokens.weight, m1.model.embed_tokens.weight)
+    assert AutoTokenizer.from_pretrained(tmp_path).decode(tok.encode("1+2")) == "<bos>1+2"
+    assert len(tinylm.load_log(tmp_path)) == 3
