@@ -334,7 +334,7 @@ class ES:
             grad = torch.zeros_like(master)
             for s, c in coef.items():
                 if c != 0.0:
-                    grad.add_(noise_like(master, s, i), alpha=c / n)
+                    grad.add_(self.params.noise(s, i), alpha=c / n)
             step = self.optimizer.step(i, grad)
             if self.config.weight_decay:
                 step = step - self.config.alpha * self.config.weight_decay * master

@@ -15,7 +15,8 @@ Memory (P = number of parameters, b = bytes per working element, 2 for bf16, 4 f
 * the master copy: ``4*P`` (float32; ``8*P`` for a float64 model), on the model's device or, with
   ``master_device="cpu"``, in host memory (then every perturb/restore moves each tensor over the
   bus once);
-* transient: the noise of *one* tensor (``4 * largest tensor``), whatever the population size.
+* the noise of *one* tensor (``4 * largest tensor``), whatever the population size (a buffer
+  that :class:`ParameterSet` keeps and reuses).
 
 A bf16 model of P parameters therefore needs ``2P + 4P`` bytes plus one layer, against
 ``2P + N*4P`` if N noise vectors were stored.
@@ -117,6 +118,19 @@ class ParameterSet:
             p.detach().to(device=master_device or p.device, dtype=_master_dtype(p.dtype), copy=True) for p in self.params
         ]
         self.perturbed_by: tuple[int, float] | None = None
+        self._scratch: dict[tuple, torch.Tensor] = {}
+
+    def noise(self, seed: int, index: int) -> torch.Tensor:
+        """The noise of (seed, tensor ``index``), as :func:`noise_like` of the master tensor, but
+        written into one reused buffer (valid until the next call): drawing into memory that is
+        already mapped is about a third faster on a CPU than allocating each noise tensor anew."""
+        m = self.master[index]
+        key = (m.dtype, m.device)
+        buf = self._scratch.get(key)
+        if buf is None:
+            size = max(x.numel() for x in self.master if (x.dtype, x.device) == key)
+            buf = self._scratch[key] = torch.empty(size, dtype=m.dtype, device=m.device)
+        return noise_into(buf[:m.numel()].view(m.shape), seed, index)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -132,9 +146,8 @@ class ParameterSet:
             raise RuntimeError("parameters are already perturbed; restore() first")
         self.perturbed_by = (seed, sigma)
         for i, (p, m) in enumerate(zip(self.params, self.master)):
-            eps = noise_like(m, seed, i)
-            p.copy_(eps.mul_(sigma).add_(m))
-            del eps  # free this layer's noise before the next one is drawn: one noise tensor at a time
+            # one noise tensor at a time, in the reused buffer of noise()
+            p.copy_(self.noise(seed, i).mul_(sigma).add_(m))
 
     @torch.no_grad()
     def restore(self) -> None:
