@@ -167,3 +167,60 @@ def seed_band(ax: plt.Axes, frames, x: str, y: str, label: str, color: str | Non
         for f in frames:
             ax.plot(f[x], f[y], color=line.get_color(), linewidth=0.7, alpha=0.5)
     return vals
+
+
+# ---------------------------------------------------------------- notebooks 05, 08 (ES fine-tuning of LMs)
+
+
+def finetune_curves(results, axes=None, label: str = "ES", color: str | None = None):
+    """Training reward (population mean, min-max band) and held-out accuracy of one
+    :class:`esnb.finetune.FinetuneResult` (or anything with ``.log``/``.evals`` frames).
+    Returns the two axes."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    log, evals = results.log, results.evals
+    ax = axes[0]
+    if len(log):
+        line, = ax.plot(log["iteration"] + 1, log["reward_mean"], label=f"{label}: population mean", color=color)
+        ax.fill_between(log["iteration"] + 1, log["reward_min"], log["reward_max"], color=line.get_color(), alpha=0.15,
+                        label=f"{label}: min to max member")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    if len(evals):
+        ax.plot(evals["iteration"], 100 * evals["test_accuracy"], marker="o", label=label, color=color)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return axes
+
+
+class LiveCurves:
+    """A ``callback`` for :func:`esnb.finetune.finetune` that redraws :func:`finetune_curves` in place
+    every ``every`` iterations (one figure output that updates, instead of one per iteration)."""
+
+    def __init__(self, every: int = 1, label: str = "ES", title: str = ""):
+        self.every, self.label, self.title = max(1, int(every)), label, title
+        self._handle = None
+        self._seen = (0, 0)
+
+    def __call__(self, result) -> None:
+        n, e = len(result.log_rows), len(result.eval_rows)
+        if (n, e) == self._seen or (n % self.every and e == self._seen[1]):
+            return
+        self._seen = (n, e)
+        from IPython.display import display
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        finetune_curves(result, axes, label=self.label)
+        if self.title:
+            fig.suptitle(self.title)
+        fig.tight_layout()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)

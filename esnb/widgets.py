@@ -74,3 +74,36 @@ def mlp_panel(draw: Callable[..., None], datasets: list[str], sigma: float = 0.0
         "dataset": w.Dropdown(options=datasets, value=datasets[0], description="data"),
     }
     return panel(draw, controls, title="ES trains an MLP")
+
+
+def finetune_panel(run: Callable[..., None], sigma: float = 3e-3, alpha: float = 6e-3, population_size: int = 16,
+                   iterations: int = 10) -> "object":
+    """Sliders for sigma, alpha, N and iterations of an ES fine-tuning run (notebook 05).
+
+    A run takes minutes, so nothing happens until the Run button is clicked; then
+    ``run(sigma=..., alpha=..., population_size=..., iterations=...)`` draws into the output area.
+    """
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    controls = {
+        "sigma": log_slider("sigma", sigma, -4, -1),
+        "alpha": log_slider("alpha", alpha, -4, -1),
+        "population_size": w.IntSlider(value=population_size, min=2, max=64, step=2, description="N", continuous_update=False),
+        "iterations": w.IntSlider(value=iterations, min=1, max=100, step=1, description="iterations", continuous_update=False),
+    }
+    out = w.Output()
+    button = w.Button(description="Run", button_style="primary", icon="play")
+
+    def go(*_):
+        with out:
+            out.clear_output(wait=True)
+            run(**{name: c.value for name, c in controls.items()})
+            plt.show()
+
+    button.on_click(go)
+    box = w.VBox([w.HTML("<b>ES fine-tuning: pick the knobs, then Run</b>"),
+                  w.HBox(list(controls.values())[:2]), w.HBox(list(controls.values())[2:] + [button]), out])
+    display(box)
+    return box
