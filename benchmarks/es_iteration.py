@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     print(f"reference (paper-style loop): {ref:.3f} s/iteration (median of {reps})")
     print(f"engine (esnb):                {eng:.3f} s/iteration (median of {reps})")
     print(f"engine share outside generation (perturb, restore, scoring, update): {100 * outside:.1f}%")
+    pair = statistics.median(r / e for r, e in zip(ref_t, eng_t))
+    print(f"speed-up per repetition pair (median): {pair:.2f}x")
     print(f"RATIO speed-up {ref / eng:.2f}x ({args.model}, N={n}, {n_prompts} prompts, {max_new} tokens, {dtype})")
     return 0
 
