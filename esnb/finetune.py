@@ -330,6 +330,19 @@ def _prepare_model(model, config: FinetuneConfig):
     return model
 
 
+def _model_name(model) -> str | None:
+    """The model's name_or_path, relative to the repository when it lives there (no machine paths in logs)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not name:
+        return None
+    from ._env import REPO_ROOT
+
+    try:
+        return str(Path(name).resolve().relative_to(REPO_ROOT))
+    except (ValueError, OSError):
+        return str(name)
+
+
 def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
     diffs = [f"{k}: {saved[k]!r} in the run, {v!r} now" for k, v in config.to_dict().items()
              if k not in _RESUMABLE and k in saved and saved[k] != v]
@@ -430,8 +443,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             if existing and not overwrite and not resume:
                 raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
             meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
-                    "task_repr": repr(task), "max_new_tokens": max_new,
-                    "model": getattr(getattr(model, "config", None), "name_or_path", None), **(metadata or {})}
+                    "task_repr": repr(task), "max_new_tokens": max_new, "model": _model_name(model),
+                    **(metadata or {})}
             if config.save_initial:
                 runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
             else:
@@ -550,6 +563,27 @@ def load_result(directory: str | os.PathLike) -> FinetuneResult:
     result.samples_before = _samples_frame(directory / SAMPLES_BEFORE)
     result.samples_after = _samples_frame(directory / SAMPLES_AFTER)
     return result
+
+
+def rebuild(directory: str | os.PathLike, model: Any, until: int | None = None) -> ES:
+    """Rebuild the weights of a logged run into ``model`` from its seed log alone, generating nothing.
+
+    ``model`` must be the run's starting model (e.g. a fresh ``load_model("tiny")``); its weights
+    are the initial state when the run directory has no ``initial.pt`` (the small logs shipped in
+    ``data/runs/`` keep only the seed log). ``until=k`` stops before iteration ``k``. Bit-identical
+    to the live run's weights: the same ``ES.apply_update`` calls on the same float64 weights.
+    """
+    from .runlog import INITIAL, replay
+
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    config = FinetuneConfig.from_dict(meta.get("finetune", {}))
+    if (directory / INITIAL).is_file():
+        initial = load_checkpoint(directory / INITIAL)
+    else:
+        initial = ES(model, config.es_config()).state_dict()
+    return replay((initial, read_log(directory / "log.jsonl")), model, until=until,
+                  master_device=config.master_device)
 
 
 # ---------------------------------------------------------------- command line

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from esnb.finetune import FinetuneConfig, batch_indices, finetune, load_result, main
+from esnb.finetune import FinetuneConfig, batch_indices, finetune, load_result, main, rebuild
 from esnb.runlog import bit_equal, replay
 from esnb.tinylm import build_model, build_tokenizer
 
@@ -115,6 +115,11 @@ def test_killed_run_resumes_bit_identically(tokenizer, tmp_path, dtype):
     assert res.evals.drop(columns=["seconds", "eval_seconds"]).equals(ref.evals.drop(columns=["seconds", "eval_seconds"]))
     # the seed log on disk replays to the same weights, without generating anything
     assert bit_equal(replay(tmp_path / "cut").params.master, ref.es.params.master)
+    fresh = _model(tokenizer, dtype)
+    (tmp_path / "cut" / "initial.pt").rename(tmp_path / "initial.pt")  # a shipped log has no initial.pt
+    rebuild(tmp_path / "cut", fresh)
+    assert bit_equal(fresh, ref_model)
+    (tmp_path / "initial.pt").rename(tmp_path / "cut" / "initial.pt")
     # and reads back
     back = load_result(tmp_path / "cut")
     assert list(back.log.iteration) == list(range(7)) and list(back.evals.iteration) == [0, 2, 4, 6, 7]
@@ -200,3 +205,29 @@ def test_cli_runs_and_resumes(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", str(out), "--sigma", "0.5"])
     assert "--sigma" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the arithmetic task (notebook 08)
+
+
+def test_arithmetic_task_scores_without_raising():
+    from esnb.tasks import get_task
+
+    task = get_task("arithmetic", ops="+-", n_test=20)
+    train, test = task.train_items, task.test_items
+    assert len(test) == 20 and len(train) == 100 + 55 - 20
+    assert not {(x["a"], x["op"], x["b"]) for x in train} & {(x["a"], x["op"], x["b"]) for x in test}
+    item = {"a": 7, "b": 5, "op": "+", "answer": 12}
+    assert task.score("12</answer>", item) == {"reward": 1.1, "format_reward": 1.0, "answer_reward": 1.0,
+                                                       "correct": True}
+    assert task.score(" 12 </answer>", item)["correct"]
+    assert task.score("13</answer>", item)["reward"] == pytest.approx(0.1)
+    assert task.score("7 + 5 = 12</answer>", item)["correct"]  # working allowed, the last number decides
+    assert not task.score("12 - 5 = 7</answer>", item)["correct"]
+    assert not task.score("12", item)["correct"]  # the block must be closed
+    assert task.score("12", item)["reward"] == 0.0
+    for junk in (None, "1" + "0" * 5000 + "</answer>", "١٢</answer>", "", "<answer></answer>", "x" * 100 + " 12</answer>"):
+        assert task.score(junk, item)["reward"] <= 0.1
+    assert task.prompt(item).startswith("Question: What is 7 + 5?") and task.prompt(item).endswith("<answer>")
+    with pytest.raises(ValueError, match="ops"):
+        get_task("arithmetic", ops="/")

@@ -37,4 +37,8 @@ def get_task(name: str, **options: Any) -> Task:
         from .conciseness import ConcisenessTask
 
         return ConcisenessTask(**options)
-    raise ValueError(f"name: unknown task {name!r}; expected 'countdown' or 'conciseness'")
+    if key == "arithmetic":  # small-number sums with <answer> tags (notebook 08; see arithmetic.py)
+        from .arithmetic import ArithmeticTask
+
+        return ArithmeticTask(**options)
+    raise ValueError(f"name: unknown task {name!r}; expected 'countdown', 'conciseness' or 'arithmetic'")
