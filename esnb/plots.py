@@ -187,14 +187,15 @@ def finetune_curves(results, axes=None, label: str = "ES", color: str | None = N
     ax.set_xlabel("iteration")
     ax.set_ylabel("training reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(log):
+        ax.legend(fontsize=8)
     ax = axes[1]
     if len(evals):
         ax.plot(evals["iteration"], 100 * evals["test_accuracy"], marker="o", label=label, color=color)
+        ax.legend(fontsize=8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("held-out accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return axes
 
 
