@@ -145,8 +145,10 @@ class LowRankES(ES):
 class _PopLlama:
     """Greedy decoding of M low-rank members of a ``LlamaForCausalLM`` at once.
 
-    Activations are (M, B, T, H). Matrices: ``x W^T`` over all M*B rows (shared), plus
-    ``(sigma/sqrt r) (x B_m) A_m^T`` per member (batched); vectors: ``w + sigma eps_m`` per member.
+    Rows are (member, prompt) pairs, member-major (row = m * B + b); finished rows leave the batch.
+    Matrices: ``x W^T`` over all active rows (one shared product), plus
+    ``(sigma/sqrt r) (x B_m) A_m^T`` per member (batched over members, with finished rows as
+    zeros: it is cheap); vectors: ``w + sigma eps_m`` per row's member.
     """
 
     def __init__(self, model, es: LowRankES, members: Sequence[Member]):
@@ -179,31 +181,43 @@ class _PopLlama:
         self.embed = model.model.embed_tokens.weight
         self.head = model.lm_head.weight
 
+    def _full(self, x):
+        """Active rows (R, ...) -> all M*B rows, zeros for finished ones."""
+        if x.shape[0] == self.M * self.B:
+            return x
+        full = x.new_zeros((self.M * self.B, *x.shape[1:]))
+        full[self.rows] = x
+        return full
+
+    def _active(self, x):
+        return x if x.shape[0] == self.rows.numel() else x[self.rows]
+
     def lin(self, x, w):
-        """x: (M, B, T, in) -> (M, B, T, out) with member m's weight W + sigma eps_m."""
-        M, B, T, _ = x.shape
+        """x: (R, T, in) -> (R, T, out), row with member m computing with W + sigma eps_m."""
+        T = x.shape[1]
         y = torch.nn.functional.linear(x, w)
         at, b = self.lr[id(w)]
-        low = torch.bmm(torch.bmm(x.reshape(M, B * T, -1), b), at)
-        return y + low.view(M, B, T, -1)
+        full = self._full(x).reshape(self.M, self.B * T, -1)
+        low = torch.bmm(torch.bmm(full, b), at).view(self.M * self.B, T, -1)
+        return y + self._active(low)
 
     def norm(self, x, w):
         dt = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.vec[id(w)][:, None, None, :] * xf.to(dt)
+        return self.vec[id(w)][self.mid][:, None, :] * xf.to(dt)
 
-    def embed_tokens(self, ids):
-        """ids: (B, T) shared by all members -> (M, B, T, H)."""
-        at, b = self.lr[id(self.embed)]           # at: (M, r, vocab), b: (M, H, r)
-        base = self.embed[ids][None]              # (1, B, T, H)
-        rows = at[:, :, ids]                      # (M, r, B, T)
-        low = torch.einsum("mrbt,mhr->mbth", rows, b)
-        return base + low
+    def embed_tokens(self, tok):
+        """tok: (R, T) token ids of the active rows -> (R, T, H)."""
+        at, b = self.lr[id(self.embed)]            # at: (M, r, vocab), b: (M, H, r)
+        T = tok.shape[1]
+        rows_a = at[self.mid[:, None], :, tok]     # (R, T, r): row tok of A_m (scaled)
+        full = self._full(rows_a).reshape(self.M, self.B * T, -1)
+        low = torch.bmm(full, b.transpose(1, 2)).view(self.M * self.B, T, -1)
+        return self.embed[tok] + self._active(low)
 
     def logits(self, h):
-        h = self.norm(h, self.model.model.norm.weight)
-        return self.lin(h, self.head)
+        return self.lin(self.norm(h, self.model.model.norm.weight), self.head)
 
     def _cos_sin(self, pos):
         freqs = pos[..., None].float() * self.inv_freq
@@ -213,22 +227,27 @@ class _PopLlama:
     def layers(self, h, cos, sin, start, mask):
         from .generation import _rotate
 
-        M, B, T, _ = h.shape
+        R, T, _ = h.shape
         rep = self.nh // self.nkv
         for i, layer in enumerate(self.model.model.layers):
             att = layer.self_attn
             x = self.norm(h, layer.input_layernorm.weight)
-            q = self.lin(x, att.q_proj.weight).reshape(M * B, T, self.nh, self.hd).transpose(1, 2)
-            k = self.lin(x, att.k_proj.weight).reshape(M * B, T, self.nkv, self.hd).transpose(1, 2)
-            v = self.lin(x, att.v_proj.weight).reshape(M * B, T, self.nkv, self.hd).transpose(1, 2)
+            q = self.lin(x, att.q_proj.weight).view(R, T, self.nh, self.hd).transpose(1, 2)
+            k = self.lin(x, att.k_proj.weight).view(R, T, self.nkv, self.hd).transpose(1, 2)
+            v = self.lin(x, att.v_proj.weight).view(R, T, self.nkv, self.hd).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             self.k[i][:, :, start:start + T] = k
             self.v[i][:, :, start:start + T] = v
             kk, vv = self.k[i][:, :, :start + T], self.v[i][:, :, :start + T]
-            if rep > 1:
-                kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-            o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            o = o.transpose(1, 2).reshape(M, B, T, self.nh * self.hd)
+            if T == 1:  # one query: plain matmuls beat the fused CPU kernel (as esnb.generation)
+                w = torch.matmul(q.reshape(R, self.nkv, rep, self.hd), kk.transpose(-1, -2)) * self.hd ** -0.5
+                w = w.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+                o = torch.matmul(w, vv).reshape(R, self.nh, 1, self.hd)
+            else:
+                if rep > 1:
+                    kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
+                o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            o = o.transpose(1, 2).reshape(R, T, self.nh * self.hd)
             h = h + self.lin(o, att.o_proj.weight)
             x = self.norm(h, layer.post_attention_layernorm.weight)
             g = self.lin(x, layer.mlp.gate_proj.weight)
@@ -237,36 +256,43 @@ class _PopLlama:
         return h
 
     def prefill(self, ids, attn, max_new):
+        """ids, attn: (B, T) prompts shared by all members -> logits (M*B, vocab)."""
         B, T = ids.shape
         M, dev = self.M, ids.device
+        self.B = B
+        self.rows = torch.arange(M * B, device=dev)
+        self.mid = self.rows // B
         total = T + max_new
         self.k = [torch.empty(M * B, self.nkv, total, self.hd, dtype=self.dtype, device=dev)
                   for _ in self.model.model.layers]
         self.v = [torch.empty_like(x) for x in self.k]
-        self.valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
-        self.valid[:, :T] = attn.bool()
+        self.valid = torch.zeros(M * B, total, dtype=torch.bool, device=dev)
+        self.valid[:, :T] = attn.bool().repeat(M, 1)
         self.t = T
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self._cos_sin(pos.repeat(M, 1))
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0).repeat(M, 1)
+        cos, sin = self._cos_sin(pos)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         mask = (causal[None] & self.valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
-        h = self.layers(self.embed_tokens(ids), cos, sin, 0, mask.repeat(M, 1, 1)[:, None])
+        h = self.layers(self.embed_tokens(ids.repeat(M, 1)), cos, sin, 0, mask[:, None])
         self.pos = pos[:, -1:]
-        return self.logits(h[:, :, -1:])[:, :, 0]          # (M, B, vocab)
+        return self.logits(h[:, -1:])[:, 0]
+
+    def select(self, keep):
+        """Keep the active rows at positions ``keep`` (finished rows stop costing compute)."""
+        self.rows, self.mid = self.rows[keep], self.mid[keep]
+        self.k = [x[keep] for x in self.k]
+        self.v = [x[keep] for x in self.v]
+        self.valid, self.pos = self.valid[keep], self.pos[keep]
 
     def step(self, tok):
-        """tok: (M, B) -> logits (M, B, vocab)."""
-        M, B = tok.shape
+        """tok: (R,) next tokens of the active rows -> logits (R, vocab)."""
         self.pos = self.pos + 1
-        cos, sin = self._cos_sin(self.pos.repeat(M, 1))
+        cos, sin = self._cos_sin(self.pos)
         self.valid[:, self.t] = True
-        mask = self.valid[:, None, None, :self.t + 1].repeat(M, 1, 1, 1)
-        at, b = self.lr[id(self.embed)]
-        base = self.embed[tok]                                        # (M, B, H)
-        low = torch.bmm(at.transpose(1, 2).gather(1, tok[:, :, None].expand(M, B, at.shape[1])), b.transpose(1, 2))
-        h = self.layers((base + low)[:, :, None], cos, sin, self.t, mask)
+        mask = self.valid[:, None, None, :self.t + 1]
+        h = self.layers(self.embed_tokens(tok[:, None]), cos, sin, self.t, mask)
         self.t += 1
-        return self.logits(h)[:, :, 0]
+        return self.logits(h)[:, 0]
 
 
 @torch.inference_mode()
@@ -295,31 +321,34 @@ def generate_population(es: LowRankES, members: Sequence[Member], model: Any, to
         enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special)
         ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         M, B = len(members), ids.shape[0]
+        rows = M * B
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
         finish = torch.tensor(sorted(eos | token_stops), device=device, dtype=torch.long)
         stops = torch.tensor(sorted(token_stops), device=device, dtype=torch.long)
-        out = torch.full((M, B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        keep = torch.zeros((M, B, max_new_tokens), dtype=torch.bool, device=device)
-        done = torch.zeros((M, B), dtype=torch.bool, device=device)
+        out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        keep = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
         dec = _PopLlama(model, es, members)
         logits = dec.prefill(ids, attn, max_new_tokens)
         steps = 0
         for t in range(max_new_tokens):
             nxt = logits.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out[:, :, t] = nxt
-            keep[:, :, t] = ~done & (~torch.isin(nxt, finish) | torch.isin(nxt, stops))
+            out[:, t] = nxt
+            keep[:, t] = ~done & (~torch.isin(nxt, finish) | torch.isin(nxt, stops))
             done = done | torch.isin(nxt, finish)
             steps = t + 1
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            logits = dec.step(nxt)
-        out, keep = out[:, :, :steps].cpu(), keep[:, :, :steps].cpu()
-    texts = []
-    for m in range(M):
-        row = [tokenizer.decode(o[k].tolist(), skip_special_tokens=True) for o, k in zip(out[m], keep[m])]
-        texts.append([_truncate(x, text_stops) if text_stops else x for x in row])
-    return texts
+            alive = (~done).nonzero().flatten()
+            if alive.numel() <= 0.75 * dec.rows.numel():  # drop finished rows
+                dec.select(torch.searchsorted(dec.rows, alive))
+            logits = torch.zeros((rows, logits.shape[-1]), dtype=logits.dtype, device=device)
+            logits[dec.rows] = dec.step(nxt[dec.rows])
+        out, keep = out[:, :steps].cpu(), keep[:, :steps].cpu()
+    texts = [tokenizer.decode(o[k].tolist(), skip_special_tokens=True) for o, k in zip(out, keep)]
+    texts = [_truncate(x, text_stops) if text_stops else x for x in texts]
+    return [texts[m * B:(m + 1) * B] for m in range(M)]
 
 
 def score_population(es: LowRankES, members: Sequence[Member], model: Any, tokenizer: Any, task: Any,

@@ -78,7 +78,7 @@ def test_population_forward_matches_materialized_weights(tok):
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        logits = _PopLlama(model, es, members).prefill(enc["input_ids"], enc["attention_mask"], 4)
+        logits = _PopLlama(model, es, members).prefill(enc["input_ids"], enc["attention_mask"], 4).view(len(members), len(prompts), -1)
         for j, m in enumerate(members):
             with es.perturbed(m):
                 ref = model(**enc, position_ids=pos).logits[:, -1]
