@@ -458,18 +458,23 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
 
     train_prompts = [task.prompt(item, tokenizer) for item in train_items]
 
-    def held_out() -> None:
+    def held_out(log_row: bool = True) -> None:
         t0 = time.perf_counter()
         ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
                       max_new_tokens=max_new, progress=False)
+        frame = ev["samples"].assign(iteration=es.iteration)
+        result.samples_after = frame
+        if out is not None:  # always the latest evaluation's completions
+            _write_jsonl(out / SAMPLES_AFTER, frame.to_dict("records"))
+        if not log_row:
+            return
         row = {"iteration": es.iteration, "test_accuracy": ev["accuracy"], "test_reward": ev["mean_reward"],
                "samples": samples, "seconds": elapsed, "eval_seconds": time.perf_counter() - t0}
         result.eval_rows.append(row)
-        result.samples_after = ev["samples"]
         if result.samples_before is None:
-            result.samples_before = ev["samples"]
+            result.samples_before = frame
             if out is not None:
-                _write_jsonl(out / SAMPLES_BEFORE, ev["samples"].to_dict("records"))
+                _write_jsonl(out / SAMPLES_BEFORE, frame.to_dict("records"))
         if out is not None:
             with open(out / EVAL_LOG, "a") as f:
                 f.write(json.dumps(row, default=_json_default) + "\n")
@@ -529,8 +534,9 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             runlog.close()
     checkpoint()
     if out is not None:
-        if result.samples_after is not None:
-            _write_jsonl(out / SAMPLES_AFTER, result.samples_after.to_dict("records"))
+        after = result.samples_after
+        if after is None or "iteration" not in after or int(after["iteration"].iloc[0]) != es.iteration:
+            held_out(log_row=False)  # a resumed run whose last evaluation's completions were not kept
         if config.save_final:
             save_final(model, tokenizer, out / FINAL)
     return result
