@@ -17,7 +17,8 @@ ARGS = ["--model", "tiny", "--task", "countdown", "--iterations", "3", "--popula
 
 
 def _env():
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1",
+    loopback = "lo0" if sys.platform == "darwin" else "lo"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME=loopback, HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
     return env
