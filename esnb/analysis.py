@@ -157,7 +157,8 @@ def matched_random_walk(shifts: dict[str, torch.Tensor], steps: int, step_rms: f
         step_rms = float(flat.pow(2).mean().sqrt()) / steps ** 0.5
     gen = torch.Generator().manual_seed(seed)
     scale = step_rms * steps ** 0.5
-    return {k: torch.randn(d.shape, generator=gen, dtype=torch.float64) * scale for k, d in shifts.items()}
+    return {k: torch.randn(d.shape, generator=gen, dtype=d.dtype if d.is_floating_point() else torch.float64) * scale
+            for k, d in shifts.items()}
 
 
 def displacement_ratio(shifts: dict[str, torch.Tensor], step_rms: Iterable[float]) -> float:

@@ -584,7 +584,8 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
                         ("samples_after.jsonl", result.samples_after)):
         if frame is not None:
             _jsonl(out / name, frame.to_dict("records"))
-    meta = {"grpo": result.config.to_dict(), "peak_rss": result.peak_rss,
+    model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
+    meta = {"grpo": result.config.to_dict(), "model": model_id, "peak_rss": result.peak_rss,
             "cuda_peak": result.cuda_peak, "state_bytes": result.state_bytes}
     (out / "config.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
     (out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=_json_default) + "\n")
