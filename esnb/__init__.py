@@ -27,7 +27,20 @@ _LAZY_MODULES = {"analysis", "distributed", "doctor", "finetune", "generation", 
                  "plots", "run", "tasks", "tinylm", "toy", "widgets"}
 
 
+# Names from the heavy modules, also loaded on first use: esnb.load_model("tiny") works directly.
+_LAZY_NAMES = {
+    "load_model": "models", "available_models": "models",
+    "generate": "generation", "evaluate": "generation",
+    "get_task": "tasks",
+    "FinetuneConfig": "finetune", "FinetuneResult": "finetune", "load_result": "finetune", "rebuild": "finetune",
+    "GRPORunConfig": "grpo", "train_grpo": "grpo",
+    "LowRankES": "lowrank",
+}
+
+
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'esnb' has no attribute {name!r}")
