@@ -53,7 +53,7 @@ import torch
 
 from .es import ES, ESConfig
 from .generation import evaluate, generate
-from .runlog import RunLog, _atomic_write, load_checkpoint, read_log, save_checkpoint, write_json
+from .runlog import ResultTables, RunLog, _atomic_write, load_checkpoint, read_log, save_checkpoint, write_json
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "score_members", "batch_indices", "default_items",
            "load_result", "main"]
@@ -208,7 +208,7 @@ def default_items(task: Any) -> tuple[list, list]:
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(ResultTables):
     """What :func:`finetune` returns (also what a callback receives while the run goes on).
 
     * ``log``: pandas DataFrame, one row per ES iteration: ``iteration``, ``reward_mean``,
@@ -233,33 +233,6 @@ class FinetuneResult:
     es: ES | None = None
     output_dir: Path | None = None
     resumed_from: int | None = None
-
-    @property
-    def log(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.log_rows)
-
-    @property
-    def evals(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.eval_rows)
-
-    @property
-    def accuracy_before(self) -> float:
-        return float(self.eval_rows[0]["test_accuracy"]) if self.eval_rows else float("nan")
-
-    @property
-    def accuracy_after(self) -> float:
-        return float(self.eval_rows[-1]["test_accuracy"]) if self.eval_rows else float("nan")
-
-    @property
-    def seconds_per_iteration(self) -> float:
-        """Median seconds of one ES iteration (population evaluation + update)."""
-        if not self.log_rows:
-            return float("nan")
-        return float(np.median([r["iter_seconds"] for r in self.log_rows]))
 
     def __repr__(self) -> str:
         return (f"FinetuneResult({len(self.log_rows)} iterations, held-out accuracy "

@@ -46,6 +46,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .runlog import ResultTables
+
 __all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "measure_memory", "PeakRSS",
            "rss_bytes", "training_state_bytes"]
 
@@ -228,7 +230,7 @@ def training_state_bytes(model: torch.nn.Module, optimizer: Any = None,
 
 
 @dataclass
-class GRPOResult:
+class GRPOResult(ResultTables):
     """What :func:`train_grpo` returns; laid out like ``esnb.finetune.FinetuneResult``.
 
     * ``log``: DataFrame, one row per optimizer step: ``iteration`` (0-based step), ``reward_mean``,
@@ -256,40 +258,7 @@ class GRPOResult:
     state_bytes: dict = field(default_factory=dict)
     output_dir: Path | None = None
 
-    @property
-    def log(self):
-        import pandas as pd
 
-        return pd.DataFrame(self.log_rows)
-
-    @property
-    def evals(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.eval_rows)
-
-    @property
-    def accuracy_before(self) -> float:
-        return float(self.eval_rows[0]["test_accuracy"]) if self.eval_rows else float("nan")
-
-    @property
-    def accuracy_after(self) -> float:
-        return float(self.eval_rows[-1]["test_accuracy"]) if self.eval_rows else float("nan")
-
-    @property
-    def samples(self) -> int:
-        return int(self.log_rows[-1]["samples"]) if self.log_rows else 0
-
-    @property
-    def seconds(self) -> float:
-        return float(self.log_rows[-1]["seconds"]) if self.log_rows else 0.0
-
-    @property
-    def seconds_per_iteration(self) -> float:
-        """Median seconds of one GRPO step (sampling + scoring + backward + AdamW)."""
-        if not self.log_rows:
-            return float("nan")
-        return float(sorted(r["iter_seconds"] for r in self.log_rows)[len(self.log_rows) // 2])
 
     def summary(self) -> dict:
         """The headline numbers as a flat, JSON-friendly dict."""
@@ -309,26 +278,6 @@ class GRPOResult:
 
 
 # ------------------------------------------------------------------------------------ training
-
-
-def _split_stops(tokenizer: Any, stops: Sequence[str]) -> tuple[list[int], list[str]]:
-    token_ids, text = [], []
-    for s in stops:
-        ids = tokenizer.encode(s, add_special_tokens=False)
-        if len(ids) == 1 and tokenizer.decode(ids) == s:
-            token_ids.append(int(ids[0]))
-        else:
-            text.append(s)
-    return token_ids, text
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    cut = len(text)
-    for s in stops:
-        k = text.find(s)
-        if 0 <= k and k + len(s) < cut:
-            cut = k + len(s)
-    return text[:cut]
 
 
 def _as_list(x: Any) -> list[int]:
@@ -361,7 +310,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from .generation import evaluate
+    from .generation import _split_stops, _truncate, evaluate
 
     config = config or GRPORunConfig()
     if train_items is None or test_items is None:
@@ -381,6 +330,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     device = next(model.parameters()).device
     max_new = config.max_new_tokens or task.max_new_tokens
     token_stops, text_stops = _split_stops(tokenizer, getattr(task, "stop_strings", ()))
+    token_stops = sorted(token_stops)
     result = GRPOResult(config=config, model=model, tokenizer=tokenizer,
                         output_dir=Path(output_dir) if output_dir is not None else None)
     clock = {"t0": 0.0, "paused": 0.0, "last": 0.0}
@@ -407,7 +357,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     def task_reward(prompts, completions, item_index, **_: Any) -> list[float]:
         out = []
         for text, idx in zip(completions, item_index):
-            s = task.score(_cut(text, text_stops) if text_stops else text, train_items[int(idx)])
+            s = task.score(_truncate(text, text_stops) if text_stops else text, train_items[int(idx)])
             out.append(float(s["reward"]))
             counter["correct"].append(bool(s.get("correct", False)))
         counter["samples"] += len(completions)

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -273,3 +274,51 @@ def bit_equal(a: nn.Module | Iterable[torch.Tensor], b: nn.Module | Iterable[tor
     ta = list(a.parameters()) if isinstance(a, nn.Module) else list(a)
     tb = list(b.parameters()) if isinstance(b, nn.Module) else list(b)
     return len(ta) == len(tb) and all(x.dtype == y.dtype and torch.equal(x.detach().cpu(), y.detach().cpu()) for x, y in zip(ta, tb))
+
+
+class ResultTables:
+    """The views that ES and GRPO results share, so notebooks compare them with the same code.
+
+    Subclasses hold ``log_rows`` (one dict per iteration or optimizer step, with ``samples`` and
+    ``seconds``) and ``eval_rows`` (held-out evaluations, the first one of the starting model).
+    """
+
+    log_rows: list
+    eval_rows: list
+
+    @property
+    def log(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.log_rows)
+
+    @property
+    def evals(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.eval_rows)
+
+    @property
+    def accuracy_before(self) -> float:
+        return float(self.eval_rows[0]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def accuracy_after(self) -> float:
+        return float(self.eval_rows[-1]["test_accuracy"]) if self.eval_rows else float("nan")
+
+    @property
+    def samples(self) -> int:
+        """Completions scored so far (the budget both methods are compared at)."""
+        return int(self.log_rows[-1]["samples"]) if self.log_rows else 0
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds, held-out evaluation excluded."""
+        return float(self.log_rows[-1]["seconds"]) if self.log_rows else 0.0
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        """Median seconds of one iteration (ES: population evaluation + update; GRPO: one step)."""
+        if not self.log_rows:
+            return float("nan")
+        return float(np.median([r["iter_seconds"] for r in self.log_rows]))

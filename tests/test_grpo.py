@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from esnb import tinylm
-from esnb.grpo import (GRPORunConfig, PeakRSS, _cut, load_result, train_grpo,
+from esnb.generation import _truncate
+from esnb.grpo import (GRPORunConfig, PeakRSS, load_result, train_grpo,
                        training_state_bytes)
 
 
@@ -52,8 +53,9 @@ def test_samples_per_step():
 
 
 def test_cut_keeps_the_stop_string():
-    assert _cut("a</answer>junk", ["</answer>"]) == "a</answer>"
-    assert _cut("no stop here", ["</answer>"]) == "no stop here"
+    # GRPO scores completions cut exactly as esnb.generation cuts them for ES
+    assert _truncate("a</answer>junk", ["</answer>"]) == "a</answer>"
+    assert _truncate("no stop here", ["</answer>"]) == "no stop here"
 
 
 @pytest.fixture(scope="module")
