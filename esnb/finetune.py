@@ -195,6 +195,15 @@ def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | 
     return sorted(int(i) for i in rng.choice(train_size, size=batch_size, replace=False))
 
 
+def resolve_items(task: Any, train_items: Sequence[Any] | None, test_items: Sequence[Any] | None) -> tuple[list, list]:
+    """The given train/test items as lists, falling back to :func:`default_items` for a missing side."""
+    if train_items is None or test_items is None:
+        d_train, d_test = default_items(task)
+        train_items = d_train if train_items is None else train_items
+        test_items = d_test if test_items is None else test_items
+    return list(train_items), list(test_items)
+
+
 def default_items(task: Any) -> tuple[list, list]:
     """``(train, test)`` items of a task: its own ``train_items``/``test_items`` when it has them,
     the shipped split for Countdown."""
@@ -368,11 +377,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     processes and gathers their rewards.
     """
     config = config or FinetuneConfig()
-    if train_items is None or test_items is None:
-        d_train, d_test = default_items(task)
-        train_items = d_train if train_items is None else train_items
-        test_items = d_test if test_items is None else test_items
-    train_items, test_items = list(train_items), list(test_items)
+    train_items, test_items = resolve_items(task, train_items, test_items)
     if len(train_items) < config.train_size:
         raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
     train_items = train_items[:config.train_size]
@@ -568,44 +573,24 @@ def rebuild(directory: str | os.PathLike, model: Any, until: int | None = None) 
 # ---------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _cli_number(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
+    """An argparse ``type``: parse ``kind`` and require ``> low`` (strict) or ``>= low``, finite."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text!r}")
+        return value
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+_positive_int = _cli_number(int, 0, strict=True)
+_nonneg_int = _cli_number(int, 0, strict=False)
+_positive_float = _cli_number(float, 0, strict=True)
+_nonneg_float = _cli_number(float, 0, strict=False)
 
 
 # Settings the command line can give, with FinetuneConfig's name where it differs.

@@ -312,14 +312,10 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
 
     from .generation import _split_stops, _truncate, evaluate
 
-    config = config or GRPORunConfig()
-    if train_items is None or test_items is None:
-        from .finetune import default_items
+    from .finetune import resolve_items
 
-        d_train, d_test = default_items(task)
-        train_items = d_train if train_items is None else train_items
-        test_items = d_test if test_items is None else test_items
-    train_items, test_items = list(train_items), list(test_items)
+    config = config or GRPORunConfig()
+    train_items, test_items = resolve_items(task, train_items, test_items)
     if len(train_items) < config.prompts_per_step:
         raise ValueError(f"train_items: need at least prompts_per_step={config.prompts_per_step} items")
     if not test_items:

@@ -15,11 +15,11 @@ def log_slider(description: str, value: float, low_exp: int, high_exp: int, step
                             continuous_update=False, readout_format=".1e")
 
 
-def panel(draw: Callable[..., None], controls: dict, title: str = "") -> "object":
+def panel(draw: Callable[..., None], controls: dict, title: str = "", live: bool = True) -> "object":
     """A box of controls above an output area; changing a control calls ``draw(**values)``.
 
-    Drawing only happens on release (``continuous_update=False``) and after a Run click for
-    slow experiments, so a slider drag never queues dozens of re-runs.
+    Drawing only happens on release (``continuous_update=False``), so a slider drag never queues
+    dozens of re-runs. With ``live=False`` (slow experiments) nothing runs until Run is clicked.
     """
     import ipywidgets as w
     import matplotlib.pyplot as plt
@@ -35,11 +35,13 @@ def panel(draw: Callable[..., None], controls: dict, title: str = "") -> "object
             plt.show()
 
     button.on_click(redraw)
-    for c in controls.values():
-        c.observe(redraw, names="value")
+    if live:
+        for c in controls.values():
+            c.observe(redraw, names="value")
     header = [w.HTML(f"<b>{title}</b>")] if title else []
     box = w.VBox(header + [w.HBox(list(controls.values())[:3]), w.HBox(list(controls.values())[3:] + [button]), out])
-    redraw()
+    if live:
+        redraw()
     display(box)
     return box
 
@@ -84,8 +86,6 @@ def finetune_panel(run: Callable[..., None], sigma: float = 3e-3, alpha: float =
     ``run(sigma=..., alpha=..., population_size=..., iterations=...)`` draws into the output area.
     """
     import ipywidgets as w
-    import matplotlib.pyplot as plt
-    from IPython.display import display
 
     controls = {
         "sigma": log_slider("sigma", sigma, -4, -1),
@@ -93,17 +93,4 @@ def finetune_panel(run: Callable[..., None], sigma: float = 3e-3, alpha: float =
         "population_size": w.IntSlider(value=population_size, min=2, max=64, step=2, description="N", continuous_update=False),
         "iterations": w.IntSlider(value=iterations, min=1, max=100, step=1, description="iterations", continuous_update=False),
     }
-    out = w.Output()
-    button = w.Button(description="Run", button_style="primary", icon="play")
-
-    def go(*_):
-        with out:
-            out.clear_output(wait=True)
-            run(**{name: c.value for name, c in controls.items()})
-            plt.show()
-
-    button.on_click(go)
-    box = w.VBox([w.HTML("<b>ES fine-tuning: pick the knobs, then Run</b>"),
-                  w.HBox(list(controls.values())[:2]), w.HBox(list(controls.values())[2:] + [button]), out])
-    display(box)
-    return box
+    return panel(run, controls, title="ES fine-tuning: pick the knobs, then Run", live=False)
