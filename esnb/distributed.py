@@ -185,11 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
-    from .models import ModelNotAvailable, load_model
+    from .models import SHIPPED, ModelNotAvailable, load_model
     from .tasks import get_task
 
     options = dict(settings.get("task_options") or {})
-    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() == "tiny":
+    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() in SHIPPED:
         options.setdefault("prompt_style", "compact")
     try:
         task = get_task(settings["task"], **options)

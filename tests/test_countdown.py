@@ -281,3 +281,14 @@ def test_regenerate_command_reproduces_the_shipped_files(tmp_path, capsys):
     for name in (cd.TRAIN_FILE, cd.TEST_FILE):
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes()
     assert "wrote 256 train and 512 test puzzles" in capsys.readouterr().out
+
+
+def test_answer_ignoring_format_counts_untagged_answers_only_as_a_diagnostic():
+    nums, target = [44, 19, 35], 98
+    untagged = "44+19=63,63+35=98</think>\nAnswer: (44+19)+35"
+    assert cd.reward(untagged, nums, target)["answer_reward"] == 0.0   # the reward does not
+    assert cd.answer_ignoring_format(untagged, nums, target) == 1.0
+    assert cd.answer_ignoring_format("</think>\n<answer>(44+19)+35</answer>", nums, target) == 1.0
+    assert cd.answer_ignoring_format("</think>\nAnswer: 44*19", nums, target) == 0.0
+    assert cd.answer_ignoring_format("Answer: " + "(" * 100_000, nums, target) == 0.0
+    assert cd.answer_ignoring_format(None, nums, target) == 0.0

@@ -54,8 +54,8 @@ def test_hub_id_offline_is_one_clear_sentence(monkeypatch):
 
 def test_available_models_table():
     table = available_models()
-    assert list(table["name"])[:2] == ["tiny", "smollm2-135m"]
-    assert bool(table.loc[table["name"] == "tiny", "available"].iloc[0])
+    assert list(table["name"])[:3] == ["tiny", "tiny-base", "smollm2-135m"]
+    assert table.set_index("name").loc[["tiny", "tiny-base"], "available"].all()
     assert table["note"].map(len).min() > 0
 
 
@@ -93,3 +93,43 @@ def test_tinylm_training_is_seeded_and_saves_in_hf_format(tmp_path):
     assert torch.equal(again.model.embed_tokens.weight, m1.model.embed_tokens.weight)
     assert AutoTokenizer.from_pretrained(tmp_path).decode(tok.encode("1+2")) == "<bos>1+2"
     assert len(tinylm.load_log(tmp_path)) == 3
+
+
+def test_tiny_base_knows_the_arithmetic_but_often_skips_the_tags():
+    from esnb.generation import generate
+    from esnb.tasks import countdown as cd
+
+    model, tok = load_model("tiny-base", device="cpu")
+    _, test = cd.load_split()
+    prompts = [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:32]]
+    out = generate(model, tok, prompts, max_new_tokens=96)
+    tagged = sum("<answer>" in c for c in out)
+    untagged = sum("Answer:" in c for c in out)
+    assert tagged >= 1 and untagged >= 1 and tagged + untagged == len(out)
+
+
+def test_tag_rate_mixes_answer_styles_and_is_checked():
+    from esnb import tinylm
+
+    tok = tinylm.build_tokenizer()
+    puzzles = tinylm.sft_puzzles(40)
+    answer_tag = tok.convert_tokens_to_ids("<answer>")
+    for rate, lo, hi in ((1.0, 40, 40), (0.0, 0, 0), (0.5, 10, 30)):
+        _, labels = tinylm.encode_examples(tok, puzzles, tag_rate=rate, seed=0)
+        assert lo <= int((labels == answer_tag).any(dim=1).sum()) <= hi
+    with pytest.raises(ValueError, match="tag_rate"):
+        tinylm.encode_examples(tok, puzzles, tag_rate=1.5)
+
+
+def test_tinylm_cli_base_recipe_writes_its_folder(tmp_path, capsys):
+    import json
+
+    from esnb import tinylm
+
+    tinylm.main(["--base", "--steps", "2", "--batch-size", "4", "--n-sft", "16", "--n-val", "4",
+                 "--hidden-size", "32", "--layers", "1", "--heads", "2", "--intermediate-size", "64",
+                 "--warmup", "1", "--eval-every", "0", "--out", str(tmp_path)])
+    recipe = json.loads((tmp_path / "recipe.json").read_text())
+    assert recipe["tag_rate"] == 0.5 and recipe["target_acc"] is None and recipe["steps"] == 2
+    assert "no validation" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").is_file()

@@ -272,6 +272,19 @@ def answer_reward(completion: str, numbers: Sequence[int], target: Any) -> float
     return 1.0 if abs(value - goal) < _TOL else 0.0
 
 
+def answer_ignoring_format(completion: str, numbers: Sequence[int], target: Any) -> float:
+    """A diagnostic, not a reward: :func:`answer_reward` where an answer written on a line
+    after ``Answer:`` (no tags) also counts. It separates "learned the format" from "learned the
+    arithmetic" when a model sometimes answers without tags (notebook 05)."""
+    if not isinstance(completion, str):
+        return 0.0
+    at = completion.rfind("Answer:")
+    if at >= 0 and "<answer>" not in completion[at:]:
+        line = completion[at + len("Answer:"):].split("\n", 1)[0].strip()
+        completion = completion[:at] + f"<answer>{line}</answer>"
+    return answer_reward(completion, numbers, target)
+
+
 def reward(completion: str, numbers: Sequence[int], target: Any) -> dict:
     """``{"reward", "format_reward", "answer_reward"}``; reward = 0.1 * format + answer.
 
