@@ -292,3 +292,17 @@ def test_answer_ignoring_format_counts_untagged_answers_only_as_a_diagnostic():
     assert cd.answer_ignoring_format("</think>\nAnswer: 44*19", nums, target) == 0.0
     assert cd.answer_ignoring_format("Answer: " + "(" * 100_000, nums, target) == 0.0
     assert cd.answer_ignoring_format(None, nums, target) == 0.0
+
+
+def test_format_breakdown_separates_format_from_arithmetic():
+    item = {"numbers": [44, 19, 35], "target": "98"}
+    done = [
+        "44+19=63,63+35=98</think>\n<answer>(44+19)+35</answer>",   # right, tagged
+        "44+19=63,63+35=98</think>\nAnswer: (44+19)+35",            # right, untagged
+        "44+19=63</think>\n<answer>44+19</answer>",                 # wrong, tagged
+        None,                                                        # not even text
+    ]
+    got = cd.format_breakdown(done, [item] * 4)
+    assert got == {"accuracy": 0.25, "answers in tags": 0.5, "accuracy ignoring format": 0.5}
+    with pytest.raises(ValueError, match="as many"):
+        cd.format_breakdown(done, [item])

@@ -285,6 +285,24 @@ def answer_ignoring_format(completion: str, numbers: Sequence[int], target: Any)
     return answer_reward(completion, numbers, target)
 
 
+def format_breakdown(completions: Sequence[Any], items: Sequence[dict]) -> dict:
+    """Why answers score zero, over completions paired with their puzzles:
+    ``{"accuracy", "answers in tags", "accuracy ignoring format"}`` (shares in [0, 1]; the last
+    uses :func:`answer_ignoring_format`). Separates a format gain from an arithmetic gain."""
+    completions, items = list(completions), list(items)
+    if len(completions) != len(items) or not items:
+        raise ValueError(f"format_breakdown: need as many completions as puzzles (at least one), "
+                         f"got {len(completions)} and {len(items)}")
+    n = len(items)
+    texts = [c if isinstance(c, str) else "" for c in completions]
+    return {
+        "accuracy": sum(answer_reward(c, x["numbers"], x["target"]) > 0 for c, x in zip(texts, items)) / n,
+        "answers in tags": sum(bool(_answers(c)) for c in texts) / n,
+        "accuracy ignoring format": sum(answer_ignoring_format(c, x["numbers"], x["target"]) > 0
+                                        for c, x in zip(texts, items)) / n,
+    }
+
+
 def reward(completion: str, numbers: Sequence[int], target: Any) -> dict:
     """``{"reward", "format_reward", "answer_reward"}``; reward = 0.1 * format + answer.
 
