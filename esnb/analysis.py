@@ -1,7 +1,8 @@
 """Weight-shift statistics and a tensor-memory meter.
 
 * :func:`weight_shifts` / :func:`shift_table` — how far training moved each tensor (for the
-  histograms of notebooks 02 and 09).
+  histograms of notebooks 02 and 09); :func:`token_embedding_shifts` — which tokens' embeddings
+  moved most (notebook 09).
 * :class:`TensorMemory` — counts the bytes of tensors created inside a ``with`` block and their
   peak, on any device, by watching every ATen operation (a ``TorchDispatchMode``). Unlike the
   process RSS it is deterministic and sees only tensor storage, which is what the memory tricks
@@ -186,3 +187,22 @@ def shift_stats(groups: dict[str, torch.Tensor]) -> "object":
         rows.append({"group": k, "numel": d.numel(), "rms": rms, "mean_abs": float(d.abs().mean()),
                      "excess_kurtosis": kurt, "small_fraction": float((d.abs() < 0.1 * rms).double().mean())})
     return pd.DataFrame(rows).set_index("group")
+
+
+def token_embedding_shifts(before: nn.Module, after: nn.Module, tokenizer, top: int = 8) -> "object":
+    """Which tokens' input embeddings moved most: a DataFrame of the ``top`` tokens by the norm of
+    their embedding row's change, as a multiple of the median row's change.
+
+    A run that singles out a few tokens (a gradient aimed at the answer format, say) shows rows
+    many times the median; isotropic noise moves every row about equally (ratios near 1).
+    """
+    import pandas as pd
+
+    rows = (after.get_input_embeddings().weight.detach().double()
+            - before.get_input_embeddings().weight.detach().double().to(
+                after.get_input_embeddings().weight.device)).norm(dim=1).cpu()
+    median = float(rows.median())
+    order = rows.argsort(descending=True)[:top]
+    return pd.DataFrame({"token": [tokenizer.convert_ids_to_tokens(int(i)) for i in order],
+                         "change / median row": [float(rows[i]) / median if median > 0 else float("inf")
+                                                 for i in order]})

@@ -237,3 +237,20 @@ def test_shift_stats_kurtosis_separates_gaussian_from_sparse():
     assert abs(stats.loc["gauss", "excess_kurtosis"]) < 0.2
     assert stats.loc["sparse", "excess_kurtosis"] > 50
     assert stats.loc["sparse", "small_fraction"] > 0.9
+
+
+def test_token_embedding_shifts_single_out_the_tokens_that_moved():
+    from esnb.analysis import token_embedding_shifts
+    from esnb.models import load_model
+
+    base, tok = load_model("tiny", device="cpu")
+    after, _ = load_model("tiny", device="cpu")
+    emb = after.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb.add_(1e-3 * torch.randn(emb.shape, generator=gen))           # every row a little
+        emb[tok.convert_tokens_to_ids("<answer>")] += 0.05                  # one row a lot
+    table = token_embedding_shifts(base, after, tok, top=3)
+    assert list(table.columns) == ["token", "change / median row"] and len(table) == 3
+    assert table["token"].iloc[0] == "<answer>" and table["change / median row"].iloc[0] > 20
+    assert table["change / median row"].iloc[1] < 2
