@@ -215,25 +215,54 @@ def _truncate(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-@torch.inference_mode()
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text_stops, eos,
-                    fast=False):
-    device = next(model.parameters()).device
+def _encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` on ``device``."""
     bos = getattr(tokenizer, "bos_token", None)
     # chat-templated prompts already carry their special tokens
     add_special = not (bos and all(p.startswith(bos) for p in prompts))
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=add_special)
-    ids = enc["input_ids"].to(device)
-    mask = enc["attention_mask"].to(device)
-    batch = ids.shape[0]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
-    finish_ids = torch.tensor(sorted(eos | token_stops), device=device, dtype=torch.long)
-    stop_ids = torch.tensor(sorted(token_stops), device=device, dtype=torch.long)
-    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    keep = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+class _GreedyState:
+    """The bookkeeping of a batched greedy decode, shared by :func:`generate` and the low-rank
+    population decoder: the chosen tokens, which of them are text, which rows are finished."""
+
+    def __init__(self, tokenizer, eos: set, token_stops: set, rows: int, max_new_tokens: int, device):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
+        self.finish = torch.tensor(sorted(eos | token_stops), device=device, dtype=torch.long)
+        self.stops = torch.tensor(sorted(token_stops), device=device, dtype=torch.long)
+        self.out = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        self.keep = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.steps = 0
+
+    def push(self, t: int, logits: torch.Tensor) -> torch.Tensor:
+        """Pick step ``t``'s tokens from ``logits`` (finished rows get padding) and return them."""
+        nxt = logits.argmax(dim=-1)
+        nxt = torch.where(self.done, torch.full_like(nxt, self.pad_id), nxt)
+        self.out[:, t] = nxt
+        # keep stop tokens (they are text the reward reads), drop EOS and padding
+        self.keep[:, t] = ~self.done & (~torch.isin(nxt, self.finish) | torch.isin(nxt, self.stops))
+        self.done = self.done | torch.isin(nxt, self.finish)
+        self.steps = t + 1
+        return nxt
+
+    def texts(self, tokenizer, text_stops: Sequence[str]) -> list[str]:
+        """The kept tokens of each row as text, cut after the first text stop string."""
+        out, keep = self.out[:, :self.steps].cpu(), self.keep[:, :self.steps].cpu()
+        texts = [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
+        return [_truncate(x, text_stops) if text_stops else x for x in texts]
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text_stops, eos,
+                    fast=False):
+    device = next(model.parameters()).device
+    ids, mask = _encode_prompts(tokenizer, prompts, device)
+    batch = ids.shape[0]
+    state = _GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
     # positions count real tokens only, so left padding does not shift the prompt
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     max_stop = max((len(s) for s in text_stops), default=0)
@@ -247,26 +276,19 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
                     logits_to_keep=1)
         past, logits = res.past_key_values, res.logits[:, -1, :]
     pos = pos[:, -1:]
-    steps = 0
     for t in range(max_new_tokens):
-        nxt = logits.argmax(dim=-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[:, t] = nxt
-        # keep stop tokens (they are text the reward reads), drop EOS and padding
-        keep[:, t] = ~done & (~torch.isin(nxt, finish_ids) | torch.isin(nxt, stop_ids))
-        done = done | torch.isin(nxt, finish_ids)
+        nxt = state.push(t, logits)
         if text_stops:
-            for b in (~done).nonzero().flatten().tolist():
-                tail = tokenizer.decode(out[b, max(0, t - max_stop):t + 1], skip_special_tokens=True)
+            for b in (~state.done).nonzero().flatten().tolist():
+                tail = tokenizer.decode(state.out[b, max(0, t - max_stop):t + 1], skip_special_tokens=True)
                 if any(s in tail for s in text_stops):
-                    done[b] = True
-        steps = t + 1
-        if bool(done.all()) or t == max_new_tokens - 1:
+                    state.done[b] = True
+        if bool(state.done.all()) or t == max_new_tokens - 1:
             break
         if lean is not None:
             # drop finished rows from the batch once a quarter of it is done: a batch otherwise
             # runs at full width until its longest completion ends
-            alive = (~done).nonzero().flatten()
+            alive = (~state.done).nonzero().flatten()
             if alive.numel() <= 0.75 * active.numel():
                 lean.select(torch.searchsorted(active, alive))
                 active = alive
@@ -279,9 +301,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
                     past_key_values=past, use_cache=True)
         past, logits = res.past_key_values, res.logits[:, -1, :]
 
-    out, keep = out[:, :steps].cpu(), keep[:, :steps].cpu()
-    texts = [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
-    return [_truncate(x, text_stops) if text_stops else x for x in texts]
+    return state.texts(tokenizer, text_stops)
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,

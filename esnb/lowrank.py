@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .es import ES, Adam, ESConfig, Member
-from .generation import _eos_ids, _fast_llama_ok, _split_stops, _truncate, cpu_threads, generate
+from .generation import (_encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState, _split_stops, cpu_threads,
+                         generate)
 from .noise import _generator, noise_like, stream_seed
 
 __all__ = ["LowRankES", "lowrank_factors", "lowrank_noise", "generate_population", "score_population"]
@@ -316,38 +317,22 @@ def generate_population(es: LowRankES, members: Sequence[Member], model: Any, to
         device = next(model.parameters()).device
         eos = _eos_ids(model, tokenizer)
         token_stops, text_stops = _split_stops(tokenizer, stop_strings)
-        bos = getattr(tokenizer, "bos_token", None)
-        add_special = not (bos and all(p.startswith(bos) for p in prompts))
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special)
-        ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        ids, attn = _encode_prompts(tokenizer, prompts, device)
         M, B = len(members), ids.shape[0]
         rows = M * B
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
-        finish = torch.tensor(sorted(eos | token_stops), device=device, dtype=torch.long)
-        stops = torch.tensor(sorted(token_stops), device=device, dtype=torch.long)
-        out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        keep = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        state = _GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, device)
         dec = _PopLlama(model, es, members)
         logits = dec.prefill(ids, attn, max_new_tokens)
-        steps = 0
         for t in range(max_new_tokens):
-            nxt = logits.argmax(dim=-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out[:, t] = nxt
-            keep[:, t] = ~done & (~torch.isin(nxt, finish) | torch.isin(nxt, stops))
-            done = done | torch.isin(nxt, finish)
-            steps = t + 1
-            if bool(done.all()) or t == max_new_tokens - 1:
+            nxt = state.push(t, logits)
+            if bool(state.done.all()) or t == max_new_tokens - 1:
                 break
-            alive = (~done).nonzero().flatten()
+            alive = (~state.done).nonzero().flatten()
             if alive.numel() <= 0.75 * dec.rows.numel():  # drop finished rows
                 dec.select(torch.searchsorted(dec.rows, alive))
             logits = torch.zeros((rows, logits.shape[-1]), dtype=logits.dtype, device=device)
             logits[dec.rows] = dec.step(nxt[dec.rows])
-        out, keep = out[:, :steps].cpu(), keep[:, :steps].cpu()
-    texts = [tokenizer.decode(o[k].tolist(), skip_special_tokens=True) for o, k in zip(out, keep)]
-    texts = [_truncate(x, text_stops) if text_stops else x for x in texts]
+        texts = state.texts(tokenizer, text_stops)
     return [texts[m * B:(m + 1) * B] for m in range(M)]
 
 

@@ -38,12 +38,7 @@ def _model(tokenizer, dtype=torch.float32):
     return build_model(len(tokenizer), hidden_size=32, layers=1, heads=2, intermediate_size=64, seed=0).to(dtype).eval()
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_config_defaults_are_the_papers():

@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Run a test on one torch CPU thread (tiny models are fastest so, and a loaded 2-core machine
+    does not stall), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
