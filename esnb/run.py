@@ -198,12 +198,16 @@ def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False) -> fl
     import nbformat
     from nbclient import NotebookClient
 
+    from .provenance import execute_and_record
+
     nb = nbformat.read(str(path), as_version=4)
     env_before = os.environ.get("ESNB_SMOKE")
     os.environ["ESNB_SMOKE"] = "1" if smoke else "0"
     start = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        # runs the cells and records which esnb code they imported (python -m esnb execute --stale)
+        execute_and_record(client, nb)
     finally:
         if env_before is None:
             os.environ.pop("ESNB_SMOKE", None)
@@ -233,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
 
     ex = sub.add_parser("execute", help="execute notebooks in place and strip run noise (for committing)")
-    ex.add_argument("paths", nargs="+", type=Path)
+    ex.add_argument("paths", nargs="*", type=Path)
+    ex.add_argument("--stale", action="store_true",
+                    help="execute nothing: list the notebooks (default all) whose outputs were made with older esnb code")
     ex.add_argument("--smoke", action="store_true", help="execute in smoke mode (default: full)")
     ex.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
 
@@ -244,7 +250,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main()
+    if args.command == "execute" and args.stale:
+        from .provenance import stale_notebooks
+
+        missing = [str(p) for p in args.paths if not p.is_file()]
+        if missing:
+            parser.error(f"no such notebook: {', '.join(missing)}")
+        stale = stale_notebooks(args.paths or find_notebooks())
+        for item in stale:
+            print(item.describe())
+        print(f"{len(stale)} notebook(s) stale" if stale else "every notebook's outputs match the current esnb code")
+        return 0
     if args.command == "execute":
+        if not args.paths:
+            parser.error("execute needs notebook paths (or --stale)")
         for path in args.paths:
             if not path.exists():
                 parser.error(f"no such notebook: {path}")
