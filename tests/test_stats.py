@@ -1,0 +1,76 @@
+"""esnb.stats against values computed by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from esnb.stats import binomial_se, mcnemar_exact, paired_bootstrap, paired_counts
+
+
+def test_paired_counts_table():
+    a = [1, 1, 0, 0, 1]
+    b = [1, 0, 1, 0, 0]
+    assert paired_counts(a, b) == {"both": 1, "only_a": 2, "only_b": 1, "neither": 1}
+    assert paired_counts([True, False], [True, True]) == {"both": 1, "only_a": 0, "only_b": 1, "neither": 0}
+
+
+def test_mcnemar_exact_by_hand():
+    # 0 vs 5 discordant: P(X <= 0) = 1/32, two-sided 2/32
+    assert mcnemar_exact(0, 5) == pytest.approx(0.0625)
+    assert mcnemar_exact(5, 0) == pytest.approx(0.0625)
+    # 2 vs 8: P(X <= 2) = (1 + 10 + 45) / 1024 = 56/1024, two-sided 0.109375
+    assert mcnemar_exact(2, 8) == pytest.approx(112 / 1024)
+    # balanced or a single discordant pair: no evidence at all (capped at 1)
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(1, 0) == 1.0
+    assert mcnemar_exact(0, 0) == 1.0
+    # large counts: exact integer sums, no overflow (2 / 2**2000 rounds to 0.0 as a float)
+    assert 0.0 <= mcnemar_exact(0, 2000) < 1e-300
+    assert mcnemar_exact(1000, 1000) == 1.0
+
+
+def test_mcnemar_rejects_bad_counts():
+    for b, c in ((-1, 2), (1.5, 2), (True, 2)):
+        with pytest.raises(ValueError, match="b"):
+            mcnemar_exact(b, c)
+    with pytest.raises(ValueError, match="c"):
+        mcnemar_exact(1, -3)
+
+
+def test_paired_bootstrap_by_hand():
+    # per-item differences (1, 0, 0, 0): a resample's difference is K/4 with K ~ Binomial(4, 1/4).
+    # P(K = 0) = 81/256 > 2.5%, so the lower end is 0; P(K >= 3) = 13/256 > 2.5% > P(K = 4) = 1/256,
+    # so the upper end is 3/4. Bootstrap SE = sqrt(4 * 1/4 * 3/4) / 4 = 0.2165.
+    r = paired_bootstrap([1, 0, 1, 0], [0, 0, 1, 0], n_boot=20_000, seed=1)
+    assert r["diff"] == pytest.approx(0.25)
+    assert (r["low"], r["high"]) == (0.0, 0.75)
+    assert r["se"] == pytest.approx(math.sqrt(0.75) / 4, abs=0.01)
+
+
+def test_paired_bootstrap_degenerate_and_runs():
+    same = paired_bootstrap([1, 0, 1], [1, 0, 1], n_boot=200)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "se": 0.0}
+    # rows are runs (seeds): the difference is of the means over runs and items
+    a = np.array([[1, 1, 0, 0], [1, 0, 0, 0]])
+    b = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    r = paired_bootstrap(a, b, n_boot=500)
+    assert r["diff"] == pytest.approx(3 / 8)
+    assert 0 <= r["low"] <= r["diff"] <= r["high"] <= 1
+
+
+def test_paired_bootstrap_rejects_mismatched_items():
+    with pytest.raises(ValueError, match="b"):
+        paired_bootstrap([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_bootstrap([1, 0], [1, 0], n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap([1, 0], [1, 0], level=95)
+
+
+def test_binomial_se():
+    assert binomial_se(0.25, 200) == pytest.approx(math.sqrt(0.25 * 0.75 / 200))  # 0.0306
+    assert binomial_se(0.0, 10) == 0.0
+    with pytest.raises(ValueError, match="n"):
+        binomial_se(0.5, 0)
+    with pytest.raises(ValueError, match="p"):
+        binomial_se(1.5, 10)
