@@ -49,3 +49,48 @@ def test_kl_is_zero_for_the_same_model_and_positive_after_a_change():
     # batching must not change the estimate
     kl1 = cc.kl_to_base(moved, model, tok, prompts, completions, batch_size=1)
     assert kl1["kl"] == pytest.approx(kl["kl"], rel=1e-4)
+
+
+def _tiny_and_moved():
+    from esnb.models import load_model
+
+    model, tok = load_model("tiny", device="cpu")
+    moved = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, moved, tok
+
+
+def test_kl_scores_the_stop_decision_of_an_empty_completion():
+    model, moved, tok = _tiny_and_moved()
+    prompts = ["12 5 3>20<think>", "7 8 9>24<think>"]
+    kl = cc.kl_to_base(moved, model, tok, prompts, ["", ""])
+    # one position each: the decision to stop at once
+    assert kl["tokens"] == 2 and kl["stops"] == 2
+    assert kl["kl"] > 1e-4 and kl["kl_exact"] > 1e-4
+    assert all(x > 0 for x in kl["per_prompt"]) and all(x > 0 for x in kl["per_prompt_exact"])
+    same = cc.kl_to_base(model, model, tok, prompts, ["", ""])
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["kl_exact"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_is_averaged_over_prompts_and_the_exact_kl_matches_by_hand():
+    model, moved, tok = _tiny_and_moved()
+    prompts = ["12 5 3>20<think>", "7 8 9>24<think>"]
+    completions = ["12+5=17,17+3=20</think>\n<answer>12+5+3</answer>", ""]
+    kl = cc.kl_to_base(moved, model, tok, prompts, completions)
+    assert kl["kl"] == pytest.approx(sum(kl["per_prompt"]) / 2)          # each prompt weighs the same
+    assert kl["tokens"] == len(tok.encode(completions[0], add_special_tokens=False)) + 2
+    # the empty completion's exact KL, by hand: KL of the next-token distributions after the prompt
+    ids = torch.tensor([tok.encode(prompts[1])])
+    with torch.no_grad():
+        p = torch.log_softmax(moved(ids).logits[0, -1].float(), -1)
+        q = torch.log_softmax(model(ids).logits[0, -1].float(), -1)
+    assert kl["per_prompt_exact"][1] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-4)
+    # a completion at the max_new_tokens cap was cut, not stopped: no stop token is scored
+    n = len(tok.encode(completions[0], add_special_tokens=False))
+    capped = cc.kl_to_base(moved, model, tok, prompts[:1], completions[:1], max_new_tokens=n)
+    assert capped["tokens"] == n and capped["stops"] == 0
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cc.kl_to_base(moved, model, tok, prompts, completions, max_new_tokens=0)

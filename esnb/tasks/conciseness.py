@@ -90,70 +90,135 @@ class ConcisenessTask:
         return f"ConcisenessTask(chat={self.chat}, max_new_tokens={self.max_new_tokens})"
 
 
-def _encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]):
-    """Left-padded ids of prompt + completion, and a mask of the completion tokens."""
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end a completion (EOS of the tokenizer and of the generation config)."""
+    from ..generation import _eos_ids
+
+    ids = sorted(_eos_ids(model, tokenizer))
+    if not ids:
+        raise ValueError("tokenizer: has no EOS token, so the stop decision cannot be scored")
+    return ids
+
+
+def _encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str], eos_id: int,
+                  max_new_tokens: int | None, stop_strings: Sequence[str]):
+    """Left-padded ids of prompt + completion + the token that ended it, and a mask of the
+    completion's positions (its stop token included).
+
+    A completion ended either at EOS (dropped from the text by generation: appended back here),
+    right after a stop string (kept in the text, so its tokens are already there), or at the
+    ``max_new_tokens`` cap (no stop decision was made: nothing appended)."""
     bos = getattr(tokenizer, "bos_token", None)
-    rows, masks = [], []
+    rows, masks, eos_at = [], [], []
     for p, c in zip(prompts, completions):
         add = not (bos and p.startswith(bos))
         pi = tokenizer.encode(p, add_special_tokens=add)
         ci = tokenizer.encode(c, add_special_tokens=False)
+        capped = max_new_tokens is not None and len(ci) >= max_new_tokens
+        stopped_by_string = any(s and c.endswith(s) for s in stop_strings)
+        ends_with_eos = not capped and not stopped_by_string
+        if ends_with_eos:
+            ci = ci + [eos_id]
         rows.append(pi + ci)
         masks.append([0] * len(pi) + [1] * len(ci))
+        eos_at.append(ends_with_eos)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
     comp = torch.zeros((len(rows), width), dtype=torch.bool)
+    last = torch.zeros((len(rows), width), dtype=torch.bool)   # the EOS position of each row
     for i, (r, m) in enumerate(zip(rows, masks)):
         ids[i, width - len(r):] = torch.tensor(r)
         att[i, width - len(r):] = 1
         comp[i, width - len(r):] = torch.tensor(m, dtype=torch.bool)
-    return ids, att, comp
+        last[i, -1] = eos_at[i]
+    return ids, att, comp, last
 
 
 @torch.inference_mode()
-def _token_logprobs(model, ids, att, comp) -> torch.Tensor:
+def _logprobs(model, ids, att) -> torch.Tensor:
+    """Log-probabilities over the vocabulary of the next token at every position but the last."""
     device = next(model.parameters()).device
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids.to(device), attention_mask=att.to(device),
                    position_ids=pos.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    tok = logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-    return torch.where(comp[:, 1:].to(device), tok, torch.zeros_like(tok)).cpu()
+    return torch.log_softmax(logits[:, :-1], dim=-1).cpu()
 
 
 def kl_to_base(model: Any, base_model: Any, tokenizer: Any, prompts: Sequence[str],
-               completions: Sequence[str], batch_size: int = 16) -> dict:
-    """Estimate KL(fine-tuned || base) on the fine-tuned model's own completions.
+               completions: Sequence[str], batch_size: int = 16, max_new_tokens: int | None = None,
+               stop_strings: Sequence[str] = ()) -> dict:
+    """KL(fine-tuned || base) on the fine-tuned model's own completions, stop decision included.
 
-    Per completion token, with r = p_base(token) / p_model(token), the estimator
-    ``r - log r - 1`` is non-negative and unbiased for the KL when the tokens are samples of the
-    fine-tuned model (for greedy completions it is a consistent *measure of drift*, as in the
-    paper). Returns ``{"kl": mean over all completion tokens, "per_prompt": [mean per prompt],
-    "tokens": count}``; completions with no tokens contribute nothing.
+    Every completion is scored with the token that ended it: EOS (which generation drops from
+    the text, so it is appended back), or the stop string's tokens (already in the text). So an
+    empty completion still contributes the KL of its one decision, "stop now". A completion of
+    ``max_new_tokens`` tokens or more was cut by the cap and gets no stop token. Where the model
+    has several EOS ids, "stop" is one event whose probability is the sum over them.
+
+    Two measures per completion position:
+
+    * the estimator ``r - log r - 1`` with ``r = p_base(token) / p_model(token)`` (non-negative,
+      unbiased for the KL when tokens are samples of the fine-tuned model; for greedy
+      completions, as in the paper, a measure of drift along the path actually taken);
+    * the exact KL over the vocabulary, ``sum_v p_model(v) log(p_model(v) / p_base(v))``, since
+      both models' full next-token distributions are at hand.
+
+    Returns a dict:
+
+    * ``kl`` / ``kl_exact``: the per-token mean of each completion, **averaged over prompts**
+      (each prompt weighs the same, however long its answer);
+    * ``per_prompt`` / ``per_prompt_exact``: those per-completion means;
+    * ``per_prompt_sum`` / ``per_prompt_sum_exact``: per-completion sums (a sequence-level KL);
+    * ``kl_pooled``: the estimator pooled over all tokens (the old definition, long answers
+      weigh more), ``tokens``: positions scored, ``stops``: completions scored with an EOS.
     """
     from ..generation import cpu_threads
 
     if len(prompts) != len(completions):
         raise ValueError("completions: must be as many as prompts")
+    if max_new_tokens is not None and max_new_tokens <= 0:
+        raise ValueError("max_new_tokens: must be positive or None")
+    if batch_size <= 0:
+        raise ValueError("batch_size: must be positive")
     with cpu_threads(model):
-        return _kl(model, base_model, tokenizer, list(prompts), list(completions), batch_size)
+        return _kl(model, base_model, tokenizer, list(prompts), list(completions), batch_size,
+                   max_new_tokens, tuple(stop_strings))
 
 
-def _kl(model, base_model, tokenizer, prompts, completions, batch_size) -> dict:
-    per_prompt, total, count = [], 0.0, 0
+def _kl(model, base_model, tokenizer, prompts, completions, batch_size, max_new_tokens,
+        stop_strings) -> dict:
+    stops = _stop_ids(model, tokenizer)
+    out = {k: [] for k in ("per_prompt", "per_prompt_exact", "per_prompt_sum", "per_prompt_sum_exact")}
+    total, count, n_stops = 0.0, 0, 0
     for s in range(0, len(prompts), batch_size):
-        ids, att, comp = _encode_pairs(tokenizer, prompts[s:s + batch_size],
-                                       completions[s:s + batch_size])
-        lp_model = _token_logprobs(model, ids, att, comp)
-        lp_base = _token_logprobs(base_model, ids, att, comp)
-        mask = comp[:, 1:]
-        log_r = (lp_base - lp_model).clamp(-30, 30)
+        ids, att, comp, last = _encode_pairs(tokenizer, prompts[s:s + batch_size],
+                                             completions[s:s + batch_size], stops[0],
+                                             max_new_tokens, stop_strings)
+        lp_model, lp_base = _logprobs(model, ids, att), _logprobs(base_model, ids, att)
+        mask, at_eos, nxt = comp[:, 1:], last[:, 1:], ids[:, 1:, None]
+        tok_model = lp_model.gather(-1, nxt).squeeze(-1)
+        tok_base = lp_base.gather(-1, nxt).squeeze(-1)
+        # "stop" is one event: its probability sums over every EOS id
+        stop_model = torch.logsumexp(lp_model[..., stops], dim=-1)
+        stop_base = torch.logsumexp(lp_base[..., stops], dim=-1)
+        tok_model = torch.where(at_eos, stop_model, tok_model)
+        tok_base = torch.where(at_eos, stop_base, tok_base)
+        log_r = (tok_base - tok_model).clamp(-30, 30)
         k3 = torch.where(mask, torch.exp(log_r) - log_r - 1, torch.zeros_like(log_r))
+        exact = (lp_model.exp() * (lp_model - lp_base)).sum(-1).clamp_min(0)
+        exact = torch.where(mask, exact, torch.zeros_like(exact))
         n = mask.sum(-1)
         for i in range(k3.shape[0]):
-            per_prompt.append(float(k3[i].sum() / n[i]) if n[i] > 0 else 0.0)
+            m = max(int(n[i]), 1)
+            out["per_prompt"].append(float(k3[i].sum()) / m)
+            out["per_prompt_exact"].append(float(exact[i].sum()) / m)
+            out["per_prompt_sum"].append(float(k3[i].sum()))
+            out["per_prompt_sum_exact"].append(float(exact[i].sum()))
         total += float(k3.sum())
         count += int(n.sum())
-    return {"kl": total / count if count else 0.0, "per_prompt": per_prompt, "tokens": count}
+        n_stops += int(at_eos.sum())
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"kl": mean(out["per_prompt"]), "kl_exact": mean(out["per_prompt_exact"]), **out,
+            "kl_pooled": total / count if count else 0.0, "tokens": count, "stops": n_stops}
