@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .noise import ParameterSet, noise_like
+from .noise import NOISE_SOURCES, PRECISIONS, ParameterSet, noise_like
 
 SHAPINGS = ("zscore", "centered_rank", "raw")
 OPTIMIZERS = ("sgd", "adam")
@@ -73,6 +73,10 @@ class ESConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     seed: int = 0
+    # where the noise comes from and in which precision perturb/restore/update run
+    # (esnb.noise.NOISE_SOURCES, esnb.noise.PRECISIONS; "paper" = as the paper's released code)
+    noise: str = "independent"
+    precision: str = "master"
 
     def __post_init__(self) -> None:
         n = self.population_size
@@ -105,6 +109,13 @@ class ESConfig:
         if isinstance(s, bool) or not isinstance(s, Integral) or s < 0:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")
         self.seed = int(s)
+        if self.noise not in NOISE_SOURCES:
+            raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {self.noise!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "paper" and (self.optimizer != "sgd" or self.momentum or self.weight_decay):
+            raise ValueError("precision='paper' updates the weights in their own dtype with the paper's plain step: "
+                             "it needs optimizer='sgd', momentum=0 and weight_decay=0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -248,7 +259,8 @@ class ES:
     def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], config: ESConfig | None = None,
                  master_device: str | torch.device | None = None):
         self.config = config or ESConfig()
-        self.params = ParameterSet(params, master_device=master_device)
+        self.params = ParameterSet(params, master_device=master_device, noise=self.config.noise,
+                                   precision=self.config.precision)
         self.optimizer = make_optimizer(self.config)
         self.iteration = 0
         self.history: list[dict] = []
@@ -275,7 +287,8 @@ class ES:
 
     def noise(self, member: Member) -> torch.Tensor:
         """The flat noise vector ``sign * eps`` of a member (for teaching and small problems)."""
-        return torch.cat([member.sign * noise_like(m, member.seed, i).reshape(-1) for i, m in enumerate(self.params.master)])
+        return torch.cat([member.sign * noise_like(m, member.seed, i, source=self.config.noise).reshape(-1)
+                          for i, m in enumerate(self.params.master)])
 
     def population(self) -> torch.Tensor:
         """All candidates ``theta + sigma * eps_n`` as rows of one (N, D) tensor (small problems only)."""
@@ -297,7 +310,12 @@ class ES:
         bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"rewards must be finite; members {bad} got {[float(r[i]) for i in bad]}")
-        weights = shape_fitness(r, self.config.shaping)
+        if self.config.precision == "paper" and self.config.shaping == "zscore":
+            # the paper's z-score, in numpy float32: (r - mean) / (std + 1e-8), population std
+            r32 = r.numpy().astype(np.float32)
+            weights = torch.from_numpy(((r32 - r32.mean()) / (r32.std() + np.float32(1e-8))).astype(np.float64))
+        else:
+            weights = shape_fitness(r, self.config.shaping)
         update_norm = self.apply_update([m.seed for m in members], [m.sign for m in members], weights.tolist())
         entry = {
             "iteration": self.iteration,
@@ -323,6 +341,8 @@ class ES:
         also what a replay of a seed log calls, so a replay follows the same arithmetic.
         """
         n = len(seeds)
+        if self.config.precision == "paper":
+            return self._apply_update_paper(seeds, signs, weights)
         # Members sharing a seed (antithetic pairs) need their noise generated only once.
         coef: dict[int, float] = {}
         for s, sg, w in zip(seeds, signs, weights):
@@ -342,6 +362,26 @@ class ES:
             flat = step.reshape(-1)
             sq += float(torch.dot(flat, flat))  # the logged norm; float32 is plenty and needs no copy
         self.params.sync()
+        return math.sqrt(sq)
+
+    @torch.no_grad()
+    def _apply_update_paper(self, seeds: Sequence[int], signs: Sequence[int], weights: Sequence[float]) -> float:
+        """The paper's update, in the weights' own dtype, member by member in order::
+
+            update = 0;  for n: update += eps_n * z_n;  update /= N;  theta += alpha * update
+
+        (every product and sum rounded to the model's dtype, as its code does)."""
+        n = len(seeds)
+        sq = 0.0
+        for i, p in enumerate(self.params.master):  # with precision="paper" these are the model's tensors
+            update = torch.zeros_like(p)
+            for s, sg, w in zip(seeds, signs, weights):
+                update.add_(self.params.noise(s, i).mul_(float(sg * w)))
+            update.div_(n)
+            step = self.optimizer.step(i, update)  # SGD: alpha * update, rounded to the dtype
+            p.add_(step)
+            flat = step.reshape(-1).float()
+            sq += float(torch.dot(flat, flat))
         return math.sqrt(sq)
 
     def step(self, fitness: Callable) -> dict:

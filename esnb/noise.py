@@ -45,6 +45,31 @@ def stream_seed(seed: int, index: int) -> int:
     return x & ((1 << 63) - 1)
 
 
+# Where a member's noise comes from (``ESConfig.noise``):
+# * "independent" (esnb's default): every tensor its own stream, ``stream_seed(seed, index)``;
+# * "paper": every tensor of a member seeded with the member's seed itself, as the paper's
+#   released code does (``gen.manual_seed(seed)`` before each tensor): two tensors of the same
+#   shape then get the *same* noise (every layer's q_proj moves together with every other layer's),
+#   and in ``precision="paper"`` the noise is drawn in the model's dtype, as there.
+NOISE_SOURCES = ("independent", "paper")
+# How weights are perturbed, restored and updated (``ESConfig.precision``):
+# * "master" (esnb's default): a float32 master copy; perturb = master + sigma*eps written into the
+#   working tensors, restore by copy (exact), update the master in float32;
+# * "paper": no master copy; perturb, restore by subtracting the same noise, and update all in the
+#   model's dtype (bf16 in the paper), as the paper's code does. Restoring by subtraction drifts
+#   in bf16 (notebook 03), and the run's weights depend on that drift.
+PRECISIONS = ("master", "paper")
+
+
+def noise_seed(seed: int, index: int, source: str = "independent") -> int:
+    """The generator seed of tensor ``index`` of member ``seed`` under a noise ``source``."""
+    if source == "paper":
+        return int(seed)
+    if source == "independent":
+        return stream_seed(seed, index)
+    raise ValueError(f"noise: expected one of {NOISE_SOURCES}, got {source!r}")
+
+
 _GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
@@ -58,19 +83,21 @@ def _generator(device: torch.device) -> torch.Generator:
     return gen
 
 
-def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard Gaussian noise shaped like ``tensor``, a pure function of (seed, index, device)."""
+def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None,
+               source: str = "independent") -> torch.Tensor:
+    """Standard Gaussian noise shaped like ``tensor``, a pure function of (seed, index, device)
+    (of (seed, device) alone with ``source="paper"``)."""
     dtype = dtype or _master_dtype(tensor.dtype)
     gen = _generator(tensor.device)
-    gen.manual_seed(stream_seed(seed, index))
+    gen.manual_seed(noise_seed(seed, index, source))
     return torch.randn(tensor.shape, generator=gen, device=tensor.device, dtype=dtype)
 
 
-def noise_into(out: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+def noise_into(out: torch.Tensor, seed: int, index: int, source: str = "independent") -> torch.Tensor:
     """Write the noise of (seed, index) into ``out`` (same numbers as :func:`noise_like` of its shape,
     dtype and device), so that a population can be drawn into one preallocated buffer."""
     gen = _generator(out.device)
-    gen.manual_seed(stream_seed(seed, index))
+    gen.manual_seed(noise_seed(seed, index, source))
     return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype, out=out)
 
 
@@ -105,18 +132,32 @@ class ParameterSet:
 
     Memory: one float32 copy of the parameters beside the model (``master_device``; host memory
     works, at the cost of a transfer per tensor per member on a GPU).
+
+    ``noise`` picks the noise source (:data:`NOISE_SOURCES`), ``precision`` the arithmetic
+    (:data:`PRECISIONS`). With ``precision="paper"`` there is no master copy: ``master`` is the
+    list of working tensors themselves, perturb adds ``sigma * eps`` in their dtype and restore
+    subtracts it again (the paper's scheme, which does not give bf16 weights back exactly).
     """
 
-    def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], master_device: str | torch.device | None = None):
+    def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], master_device: str | torch.device | None = None,
+                 noise: str = "independent", precision: str = "master"):
+        if noise not in NOISE_SOURCES:
+            raise ValueError(f"noise: expected one of {NOISE_SOURCES}, got {noise!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         named = named_parameters_of(params)
         for name, p in named:
             if not p.is_floating_point():
                 raise TypeError(f"parameter {name!r} has dtype {p.dtype}; ES needs floating-point tensors")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.master = [
-            p.detach().to(device=master_device or p.device, dtype=_master_dtype(p.dtype), copy=True) for p in self.params
-        ]
+        self.noise_source, self.precision = noise, precision
+        if precision == "paper":  # the working tensors are the only copy (updated in place, in their dtype)
+            self.master = [p.data for p in self.params]
+        else:
+            self.master = [
+                p.detach().to(device=master_device or p.device, dtype=_master_dtype(p.dtype), copy=True) for p in self.params
+            ]
         self.perturbed_by: tuple[int, float] | None = None
         self._scratch: dict[tuple, torch.Tensor] = {}
 
@@ -130,7 +171,7 @@ class ParameterSet:
         if buf is None:
             size = max(x.numel() for x in self.master if (x.dtype, x.device) == key)
             buf = self._scratch[key] = torch.empty(size, dtype=m.dtype, device=m.device)
-        return noise_into(buf[:m.numel()].view(m.shape), seed, index)
+        return noise_into(buf[:m.numel()].view(m.shape), seed, index, self.noise_source)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -145,13 +186,26 @@ class ParameterSet:
         if self.perturbed_by is not None:
             raise RuntimeError("parameters are already perturbed; restore() first")
         self.perturbed_by = (seed, sigma)
+        if self.precision == "paper":
+            for i, p in enumerate(self.params):
+                # the paper: param.add_(SIGMA * noise), noise drawn in the param's dtype; two roundings
+                p.add_(self.noise(seed, i).mul_(sigma))
+            return
         for i, (p, m) in enumerate(zip(self.params, self.master)):
             # one noise tensor at a time, in the reused buffer of noise()
             p.copy_(self.noise(seed, i).mul_(sigma).add_(m))
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Working params := master, bit-exactly."""
+        """Working params := master, bit-exactly (``precision="paper"``: subtract the noise again,
+        which leaves the rounding drift of bf16 behind)."""
+        if self.precision == "paper":
+            if self.perturbed_by is not None:
+                seed, sigma = self.perturbed_by
+                for i, p in enumerate(self.params):
+                    p.add_(self.noise(seed, i).mul_(-sigma))  # the paper: param.add_(-SIGMA * noise)
+            self.perturbed_by = None
+            return
         for p, m in zip(self.params, self.master):
             p.copy_(m)
         self.perturbed_by = None
@@ -167,7 +221,10 @@ class ParameterSet:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Copy the master into the working tensors (after the master changed)."""
+        """Copy the master into the working tensors (after the master changed); nothing to do
+        with ``precision="paper"``, where they are the same tensors."""
+        if self.precision == "paper":
+            return
         self.restore()
 
     def flat_master(self) -> torch.Tensor:
@@ -175,7 +232,9 @@ class ParameterSet:
 
     @property
     def master_bytes(self) -> int:
-        """Bytes held by the master copy (what exact restore costs)."""
+        """Bytes held by the master copy (what exact restore costs; 0 with ``precision="paper"``)."""
+        if self.precision == "paper":
+            return 0
         return sum(m.numel() * m.element_size() for m in self.master)
 
     @property
