@@ -52,7 +52,8 @@ def learning_curves(curves: dict[str, Sequence[float]], xlabel: str = "iteration
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in curves.items():
-        ax.plot(np.arange(len(ys)), np.asarray(ys, dtype=float), label=name)
+        # a one-value curve is a point: give it a marker, or nothing shows
+        ax.plot(np.arange(len(ys)), np.asarray(ys, dtype=float), label=name, marker="o" if len(ys) == 1 else None)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -181,7 +182,9 @@ def finetune_curves(results, axes=None, label: str = "ES", color: str | None = N
     log, evals = results.log, results.evals
     ax = axes[0]
     if len(log):
-        line, = ax.plot(log["iteration"] + 1, log["reward_mean"], label=f"{label}: population mean", color=color)
+        # one iteration is one point: give it a marker, or nothing shows
+        line, = ax.plot(log["iteration"] + 1, log["reward_mean"], label=f"{label}: population mean", color=color,
+                        marker="o" if len(log) == 1 else None)
         ax.fill_between(log["iteration"] + 1, log["reward_min"], log["reward_max"], color=line.get_color(), alpha=0.15,
                         label=f"{label}: min to max member")
     ax.set_xlabel("iteration")
