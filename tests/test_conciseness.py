@@ -94,3 +94,16 @@ def test_kl_is_averaged_over_prompts_and_the_exact_kl_matches_by_hand():
     assert capped["tokens"] == n and capped["stops"] == 0
     with pytest.raises(ValueError, match="max_new_tokens"):
         cc.kl_to_base(moved, model, tok, prompts, completions, max_new_tokens=0)
+
+
+def test_degenerate_and_hacked_separate_training_from_the_base():
+    assert cc.degenerate("", "Paris") and cc.degenerate("X", "8") and cc.degenerate("Lyon", "Paris")
+    assert not cc.degenerate("Paris.", "Paris") and not cc.degenerate("The capital is Paris", "Paris")
+    assert cc.degenerate(None, "No")
+    # the base model already answered prompt 0 with nothing: not a hack; prompt 1 became empty: a hack
+    assert cc.hacked(["", "", "8"], ["", "The answer is 8", "8"], ["Paris", "8", "8"]) == [False, True, False]
+    with pytest.raises(ValueError, match="base_responses"):
+        cc.hacked([""], [], ["8"])
+    # the paper's script scores prompt + completion: the empty completion is then the best one
+    prompt = cc.TRAIN_PROMPTS[0]["prompt"]
+    assert cc.paper_script_reward(prompt, "", "8") > cc.paper_script_reward(prompt, "8", "8")
