@@ -64,6 +64,8 @@ FINAL = "final"
 SAMPLES_BEFORE = "samples_before.jsonl"
 SAMPLES_AFTER = "samples_after.jsonl"
 
+FIDELITIES = ("esnb", "paper")
+
 # Settings that may change between a run and its resumption (they do not change the weights).
 _RESUMABLE = {"iterations", "eval_every", "checkpoint_every", "test_size", "eval_batch_size",
               "gen_batch_size", "save_final"}
@@ -106,6 +108,21 @@ class FinetuneConfig:
     * ``save_initial``: write ``initial.pt`` (the starting weights, float32) so that the seed log
       replays on its own; switch off for large models you can reload by name.
     * ``save_final``: write the final model in Hugging Face format to ``DIR/final``.
+    * ``fidelity``: ``"esnb"`` (default) or ``"paper"``, one switch for the engine pieces of the
+      paper's released code; each piece is also a field of its own (an explicit value wins):
+    * ``noise``: ``"independent"`` (esnb: a stream per tensor) or ``"paper"`` (every tensor of a
+      member seeded with the member's seed; same-shaped tensors get the same noise);
+      see :data:`esnb.noise.NOISE_SOURCES`.
+    * ``precision``: ``"master"`` (esnb: float32 master copy, exact restore by copy) or ``"paper"``
+      (perturb, restore by subtraction and update in the model's dtype, no master copy).
+    * ``early_stop``: stop generating at the task's stop strings (esnb: ``True``, e.g. at the first
+      ``</answer>``) or run to EOS / ``max_new_tokens`` as the paper (``False``). The reward reads
+      the LAST answer block either way; with early stop that block is the first one, so a wrong
+      answer followed by a right one scores 1 in the paper and 0 here. Early stop is faster.
+
+    The paper's prompt and data are task and data choices: ``get_task("countdown",
+    prompt_style="paper", targets="paper")`` and :func:`esnb.tasks.countdown.load_paper_data`
+    (the CLI's ``--paper-faithful --data PATH`` sets all of it).
     """
 
     population_size: int = 30
@@ -131,8 +148,23 @@ class FinetuneConfig:
     master_device: str | None = None
     save_initial: bool = True
     save_final: bool = True
+    fidelity: str = "esnb"
+    noise: str | None = None          # None: from fidelity ("independent" for esnb)
+    precision: str | None = None      # None: from fidelity ("master" for esnb)
+    early_stop: bool | None = None    # None: from fidelity (True for esnb)
 
     def __post_init__(self) -> None:
+        if self.fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
+        paper = self.fidelity == "paper"
+        if self.noise is None:
+            self.noise = "paper" if paper else "independent"
+        if self.precision is None:
+            self.precision = "paper" if paper else "master"
+        if self.early_stop is None:
+            self.early_stop = not paper
+        if not isinstance(self.early_stop, bool):
+            raise ValueError(f"early_stop must be True, False or None, got {self.early_stop!r}")
         self.es_config()  # validates the ES fields, naming the bad one
         self.population_size = int(self.population_size)
         self.sigma, self.alpha = float(self.sigma), float(self.alpha)
@@ -171,7 +203,8 @@ class FinetuneConfig:
         """The :class:`ESConfig` of the ES fields."""
         return ESConfig(population_size=self.population_size, sigma=self.sigma, alpha=self.alpha,
                         antithetic=self.antithetic, shaping=self.shaping, optimizer=self.optimizer,
-                        momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed)
+                        momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
+                        noise=self.noise, precision=self.precision)
 
     @property
     def prompts_per_member(self) -> int:
@@ -332,6 +365,22 @@ def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> No
         raise ValueError(f"{where}: cannot resume with different settings ({'; '.join(diffs)})")
 
 
+class NoEarlyStop:
+    """A task without its stop strings (``FinetuneConfig(early_stop=False)``, the paper): every
+    completion runs to EOS or the token cap, and the reward reads its LAST answer block."""
+
+    stop_strings: tuple[str, ...] = ()
+
+    def __init__(self, task: Any):
+        self.task = task
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the task's own
+        return getattr(self.task, name)
+
+    def __repr__(self) -> str:
+        return f"NoEarlyStop({self.task!r})"
+
+
 def score_members(es: ES, members: Sequence[Any], model: Any, tokenizer: Any, task: Any,
                   prompts: Sequence[str], items: Sequence[Any], max_new_tokens: int,
                   batch_size: int = 256) -> tuple[list[float], list[float]]:
@@ -386,6 +435,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     if not test_items:
         raise ValueError("test_items: held-out evaluation needs at least one item")
     max_new = config.max_new_tokens or task.max_new_tokens
+    if not config.early_stop and tuple(getattr(task, "stop_strings", ()) or ()):
+        task = NoEarlyStop(task)
     score_population = population_evaluator or score_members
     model = _prepare_model(model, config)
     es = ES(model, config.es_config(), master_device=config.master_device)
@@ -598,7 +649,8 @@ _CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alph
                "antithetic": "antithetic", "shaping": "shaping", "iterations": "iterations",
                "train_size": "train_size", "batch_size": "batch_size", "test_size": "test_size",
                "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
-               "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype"}
+               "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype",
+               "fidelity": "fidelity", "noise": "noise", "precision": "precision", "early_stop": "early_stop"}
 # What may change when a run is resumed from the command line.
 _CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
 
@@ -637,9 +689,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=_positive_int, help="generation cap (default: the task's)")
     ap.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
-                    help="working precision (default bf16 on a GPU, fp32 on a CPU); the master copy is always fp32")
+                    help="working precision (default bf16 on a GPU, fp32 on a CPU); the master copy is fp32 (none with --precision paper)")
     ap.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_const", const=True, help="one printed line per iteration instead of a bar")
+    paper = ap.add_argument_group("the paper's choices (Qiu et al. 2025, released code), one switch or piece by piece")
+    paper.add_argument("--paper-faithful", dest="fidelity", action="store_const", const="paper",
+                       help="all of them: --noise paper --precision paper --no-early-stop and, for countdown, "
+                            "prompt_style=paper and targets=paper (give --data for the paper's puzzles)")
+    paper.add_argument("--noise", choices=["independent", "paper"],
+                       help="'paper': every tensor of a member seeded with the member's seed (default: independent streams)")
+    paper.add_argument("--precision", choices=["master", "paper"],
+                       help="'paper': perturb, restore by subtraction and update in the model's dtype, no float32 "
+                            "master (default: master)")
+    paper.add_argument("--no-early-stop", dest="early_stop", action="store_const", const=False,
+                       help="generate to EOS or the token cap and reward the last answer block (default: stop at "
+                            "the task's stop strings, e.g. the first </answer>)")
+    paper.add_argument("--data", metavar="PATH",
+                       help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
     return ap
 
 
@@ -702,16 +768,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tasks import get_task
 
     options = dict(settings.get("task_options") or {})
-    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() in SHIPPED:
+    countdown = settings["task"].strip().lower() == "countdown"
+    if countdown and config.fidelity == "paper":  # the paper's prompt and target rule (explicit options win)
+        options.setdefault("prompt_style", "paper")
+        options.setdefault("targets", "paper")
+    if countdown and settings["model"].strip().lower() in SHIPPED:
         options.setdefault("prompt_style", "compact")
+    if settings.get("data") and not countdown:
+        ap.error(f"--data: reads the paper's countdown.json; the task is {settings['task']!r}")
     try:
         task = get_task(settings["task"], **options)
     except (ValueError, TypeError) as e:
         ap.error(f"--task: {e}")
     try:
-        train_items, test_items = default_items(task)
+        if settings.get("data"):
+            from .tasks.countdown import load_paper_data
+
+            train_items, test_items = load_paper_data(settings["data"])
+        else:
+            train_items, test_items = default_items(task)
     except ValueError as e:
-        ap.error(f"--task: {e}")
+        ap.error(f"--{'data' if settings.get('data') else 'task'}: {str(e).splitlines()[0][:300]}")
     if len(train_items) < config.train_size:
         ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
     try:

@@ -254,6 +254,12 @@ def replay(run: str | os.PathLike | tuple[dict, list[dict]], params: nn.Module |
             break
         if e["iteration"] != es.iteration:
             raise ValueError(f"log jumps from iteration {es.iteration} to {e['iteration']}")
+        if es.config.precision == "paper":
+            # the paper's restore-by-subtraction leaves bf16 rounding behind: redo every member's
+            # perturb/restore round trip (arithmetic only, nothing evaluated) as the live run did
+            for s, sg in zip(e["seeds"], e["signs"]):
+                es.params.perturb(s, sg * es.config.sigma)
+                es.params.restore()
         es.apply_update(e["seeds"], e["signs"], e["weights"])
         es.iteration += 1
         es.history.append(e)

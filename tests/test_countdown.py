@@ -306,3 +306,66 @@ def test_format_breakdown_separates_format_from_arithmetic():
     assert got == {"accuracy": 0.25, "answers in tags": 0.5, "accuracy ignoring format": 0.5}
     with pytest.raises(ValueError, match="as many"):
         cd.format_breakdown(done, [item])
+
+
+# --------------------------------------------------------------------------- the paper's prompt, data and targets
+
+def _paper_context(numbers_text: str, target: str) -> str:
+    # the `context` field of the paper's released countdown.json, as stored there (items 0, 6, 10, 1999)
+    return ("You are a helpful assistant. You first think about the reasoning process in your mind and then "
+            f"provide the user with the answer.Using the numbers {numbers_text}, create an equation that equals "
+            f"{target}. You can use basic arithmetic operations (+, -, *, /) and each number can only be used once. "
+            "Show your work in <think> </think> tags. And return the final answer in <answer> </answer> tags, "
+            "for example <answer> (1 + 2) / 3 </answer>.Let me solve this step by step.\n<think>")
+
+
+PAPER_CONTEXTS = [  # (numbers, target, context) of items of the paper's file
+    ([44, 19, 35], "98", _paper_context("[44 19 35]", "98")),
+    ([83, 78, 1, 39], "82", _paper_context("[83 78  1 39]", "82")),
+    ([2, 54, 17], "35", _paper_context("[ 2 54 17]", "35")),
+    ([6, 10, 54], "50", _paper_context("[ 6 10 54]", "50")),
+]
+
+
+@pytest.mark.parametrize("numbers, target, context", PAPER_CONTEXTS)
+def test_paper_prompt_is_the_papers_context_byte_for_byte(numbers, target, context):
+    assert cd.paper_prompt(numbers, target) == context
+    task = get_task("countdown", prompt_style="paper")
+    assert task.prompt({"numbers": numbers, "target": target}) == context                  # built, no context given
+    assert task.prompt({"numbers": numbers, "target": target, "context": "other"}) == context  # built for ANY puzzle
+    np = pytest.importorskip("numpy")
+    assert cd.numpy_list(numbers) == str(np.array(numbers))
+
+
+def test_paper_data_split_and_target_rule(tmp_path):
+    # a small file in the paper's schema (the paper's own file is not ours to ship)
+    items = [{"id": k, "context": cd.paper_prompt([k + 1, 2, 3], str(k + 6)), "numbers": [k + 1, 2, 3],
+              "target": str(k + 6), "solution": None} for k in range(7)]
+    items[5]["target"], items[6]["target"] = "-1", "2.5"
+    path = tmp_path / "countdown.json"
+    path.write_text(json.dumps(items, indent=2))
+    train, test = cd.load_paper_data(path, n_train=2, n_test=3)
+    assert [x["id"] for x in train] == [0, 1] and [x["id"] for x in test] == [4, 5, 6]  # first train, last test
+    with pytest.raises(ValueError, match="countdown.json"):
+        cd.load_paper_data(path, n_train=5, n_test=3)
+    assert [cd.paper_solvable(t) for t in ("98", "-1", "2.5", " 7", "²")] == [True, False, False, False, False]
+    # "-1" = 2 - 3 * 1 is solvable with esnb's targets and unsolvable with the paper's rule
+    right = "x</think>\n<answer>2 - 3 * 1</answer>"
+    esnb_task, paper_task = get_task("countdown"), get_task("countdown", targets="paper")
+    assert esnb_task.score(right, {"numbers": [1, 2, 3], "target": "-1"})["correct"] is True
+    s = paper_task.score(right, {"numbers": [1, 2, 3], "target": "-1"})
+    assert s["correct"] is False and s["reward"] == pytest.approx(0.1) and s["format_reward"] == 1.0
+    assert paper_task.score(GOOD, {"numbers": NUMS, "target": TARGET})["correct"] is True
+    assert paper_task.score(None, {"numbers": NUMS, "target": "-1"})["reward"] == 0.0
+    with pytest.raises(ValueError, match="targets"):
+        get_task("countdown", targets="strict")
+
+
+def test_last_answer_block_rule_and_what_early_stop_changes():
+    # the paper generates on and rewards the LAST answer block; early stop ends after the first one
+    full = "x</think>\n<answer>44 - 19 - 35</answer> no, wait: <answer>44 + 19 + 35</answer>"
+    task = get_task("countdown")
+    assert "</answer>" in task.stop_strings
+    cut = full[:full.index("</answer>") + len("</answer>")]  # what generation keeps with early stop
+    assert task.score(full, {"numbers": NUMS, "target": TARGET})["answer_reward"] == 1.0
+    assert task.score(cut, {"numbers": NUMS, "target": TARGET})["answer_reward"] == 0.0

@@ -226,3 +226,18 @@ def test_arithmetic_task_scores_without_raising():
     assert task.prompt(item).startswith("Question: What is 7 + 5?") and task.prompt(item).endswith("<answer>")
     with pytest.raises(ValueError, match="ops"):
         get_task("arithmetic", ops="/")
+
+
+def test_arithmetic_split_keeps_commuted_twins_together():
+    from esnb.tasks import get_task
+    from esnb.tasks.arithmetic import twin_key
+
+    for ops, n_test in (("+", 50), ("+*", 40), ("+-", 20)):
+        task = get_task("arithmetic", ops=ops, n_test=n_test)
+        train, test = task.train_items, task.test_items
+        assert len(test) in (n_test, n_test - 1)
+        assert not {twin_key(x) for x in train} & {twin_key(x) for x in test}  # 7 + 5 held out: 5 + 7 too
+        assert {(x["a"], x["op"], x["b"]) for x in train} | {(x["a"], x["op"], x["b"]) for x in test} == \
+            {(x["a"], x["op"], x["b"]) for x in task._items}
+    assert twin_key({"a": 5, "b": 7, "op": "+"}) == twin_key({"a": 7, "b": 5, "op": "+"})
+    assert twin_key({"a": 7, "b": 5, "op": "-"}) != twin_key({"a": 5, "b": 7, "op": "-"})

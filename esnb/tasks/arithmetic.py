@@ -43,6 +43,29 @@ def make_items(ops: str = "+", digits: int = 1, seed: int = 0) -> list[dict]:
     return items
 
 
+def twin_key(item: dict) -> tuple:
+    """What a question and its commuted twin share: ``7 + 5`` and ``5 + 7`` (and ``*``) have one key;
+    subtraction is not commutative, so every ``a - b`` is its own."""
+    a, b, op = item["a"], item["b"], item["op"]
+    return (op, min(a, b), max(a, b)) if op in "+*" else (op, a, b)
+
+
+def split_items(items: list[dict], n_test: int) -> tuple[list[dict], list[dict]]:
+    """``(train, test)`` with no test question whose commuted twin is in the training set.
+
+    Walks the (shuffled) items' twin groups in order of first appearance and puts a whole group
+    into the test set while it fits in ``n_test``; everything else trains. (Splitting the items
+    one by one left 22 of 50 held-out one-digit sums with their twin among the training sums, so
+    "held out" partly measured recall of a trained question.)"""
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        groups.setdefault(twin_key(it), []).append(it)
+    train, test = [], []
+    for group in groups.values():
+        (test if len(test) + len(group) <= n_test else train).extend(group)
+    return train, test
+
+
 def _last_answer(text: str) -> str | None:
     end = text.rfind("</answer>")
     if end < 0:
@@ -106,14 +129,19 @@ class ArithmeticTask:
         if not 0 < n_test < len(self._items):
             raise ValueError(f"n_test: expected 1..{len(self._items) - 1}, got {n_test!r}")
         self.n_test = int(n_test)
+        self._train, self._test = split_items(self._items, self.n_test)
+        if not self._train:
+            raise ValueError(f"n_test: {n_test} leaves no training question once commuted twins stay together")
 
     @property
     def test_items(self) -> list[dict]:
-        return [dict(x) for x in self._items[:self.n_test]]
+        """Held-out questions (``n_test`` of them, or one fewer when only a twin pair was left to
+        fill the last place); none has its commuted twin among :attr:`train_items`."""
+        return [dict(x) for x in self._test]
 
     @property
     def train_items(self) -> list[dict]:
-        return [dict(x) for x in self._items[self.n_test:]]
+        return [dict(x) for x in self._train]
 
     def prompt(self, item: dict, tokenizer: Any = None) -> str:
         has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))

@@ -32,9 +32,9 @@ SYSTEM_PROMPT = (
 )
 
 
-def _question(numbers: Sequence[int], target: str) -> str:
+def _question(numbers: Sequence[int], target: str, numbers_text: str | None = None) -> str:
     return (
-        f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
+        f"Using the numbers {numbers_text or list(numbers)}, create an equation that equals {target}. "
         "You can use basic arithmetic operations (+, -, *, /) and each number can only be used "
         "once. Show your work in <think> </think> tags. And return the final answer in "
         "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
@@ -66,6 +66,38 @@ def chat_prompt(numbers: Sequence[int], target: str | int, tokenizer: Any) -> st
         {"role": "assistant", "content": ASSISTANT_PREFIX},
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+PAPER_SYSTEM_PROMPT = (
+    "You are a helpful assistant. You first think about the reasoning process in your mind "
+    "and then provide the user with the answer."
+)
+
+
+def numpy_list(numbers: Sequence[int]) -> str:
+    """``str(numpy.array(numbers))`` for a short 1-D integer list, without numpy's global print
+    options: entries right-aligned to the widest, one space apart (``[ 2 54 17]``, ``[83 78  1 39]``)."""
+    texts = [str(int(n)) for n in numbers]
+    width = max((len(t) for t in texts), default=0)
+    return "[" + " ".join(t.rjust(width) for t in texts) + "]"
+
+
+def paper_prompt(numbers: Sequence[int], target: str | int) -> str:
+    """The paper's prompt, byte for byte the ``context`` field of its released ``countdown.json``
+    (checked against items of that file): system sentence, question and assistant prefix joined
+    with no separator (so no space after "answer." and "</answer>."), the numbers printed as a
+    numpy array (``[44 19 35]``), no chat template, ending with ``<think>``::
+
+        You are a helpful assistant. You first think about the reasoning process in your mind and
+        then provide the user with the answer.Using the numbers [44 19 35], create an equation that
+        equals 98. You can use basic arithmetic operations (+, -, *, /) and each number can only be
+        used once. Show your work in <think> </think> tags. And return the final answer in <answer>
+        </answer> tags, for example <answer> (1 + 2) / 3 </answer>.Let me solve this step by step.
+        <think>
+
+    (the line breaks above are for reading; the only newline is the one before ``<think>``).
+    """
+    return PAPER_SYSTEM_PROMPT + _question(numbers, str(target), numpy_list(numbers)) + ASSISTANT_PREFIX
 
 
 def compact_prompt(numbers: Sequence[int], target: str | int) -> str:
@@ -514,18 +546,60 @@ def load_split(data_dir: str | Path | None = None) -> tuple[list[dict], list[dic
 # The Task
 # ----------------------------------------------------------------------------------------
 
+def paper_solvable(target: Any) -> bool:
+    """The paper's scripts' target rule: ``int(t) if t.isdigit() else None``, so a negative or
+    non-integer target ("-5", "12.5") can never be answered correctly there."""
+    text = str(target)
+    return text.isascii() and text.isdigit()
+
+
+PAPER_N_TRAIN, PAPER_N_TEST = 200, 2000
+
+
+def load_paper_data(path: str | Path, n_train: int = PAPER_N_TRAIN,
+                    n_test: int = PAPER_N_TEST) -> tuple[list[dict], list[dict]]:
+    """``(train, test)`` from the paper's ``countdown.json`` (a JSON list of ``{id, context,
+    numbers, target (string), solution}``; the user brings the file, it is not ours to ship), split
+    as the paper's scripts do: the FIRST ``n_train`` items train, the LAST ``n_test`` test. A file
+    too short for both without overlap raises ``ValueError`` naming it."""
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    items = load_puzzles(path)
+    if len(items) < n_train + n_test:
+        raise ValueError(f"{path}: {len(items)} puzzles, but the paper's split needs {n_train} + {n_test} "
+                         f"(first {n_train} train, last {n_test} test)")
+    return items[:n_train], items[len(items) - n_test:]
+
+
 class CountdownTask:
-    """Countdown as a ``Task``: prompt styles ``"plain"`` (the paper's), ``"chat"`` (tokenizer's
-    chat template) and ``"compact"`` (the tiny model's). ``correct`` is answer_reward > 0, the
-    paper's accuracy."""
+    """Countdown as a ``Task``: prompt styles ``"plain"`` (a User/Assistant transcript, or the
+    item's own ``context``), ``"paper"`` (the paper's ``context`` text, built from numbers and
+    target for any puzzle: :func:`paper_prompt`), ``"chat"`` (tokenizer's chat template) and
+    ``"compact"`` (the tiny model's). ``correct`` is answer_reward > 0, the paper's accuracy.
+
+    ``targets``: ``"esnb"`` scores any numeric target exactly; ``"paper"`` scores negative and
+    non-integer targets as unsolvable (answer reward 0, format reward as usual), as the paper's
+    scripts do (:func:`paper_solvable`): 58 of the 2,000 test puzzles of the paper's file, which
+    caps its accuracy at 97.1%.
+
+    Generation stops at the first ``</answer>`` (``stop_strings``; the paper generates on to EOS
+    or the token cap: ``FinetuneConfig(early_stop=False)`` or :class:`esnb.finetune.NoEarlyStop`).
+    The reward reads the LAST answer block of whatever it is given, so early stopping changes what
+    is rewarded: ``<answer>wrong</answer> ... <answer>right</answer>`` scores 1 in the paper, 0 with
+    early stop (generation ended after the first block).
+    """
 
     name = "countdown"
-    STYLES = ("plain", "chat", "compact")
+    STYLES = ("plain", "paper", "chat", "compact")
+    TARGETS = ("esnb", "paper")
 
-    def __init__(self, prompt_style: str = "plain", max_new_tokens: int | None = None):
+    def __init__(self, prompt_style: str = "plain", max_new_tokens: int | None = None, targets: str = "esnb"):
         if prompt_style not in self.STYLES:
             raise ValueError(f"prompt_style: expected one of {self.STYLES}, got {prompt_style!r}")
-        self.prompt_style = prompt_style
+        if targets not in self.TARGETS:
+            raise ValueError(f"targets: expected one of {self.TARGETS}, got {targets!r}")
+        self.prompt_style, self.targets = prompt_style, targets
         default = 64 if prompt_style == "compact" else 1024
         self.max_new_tokens = int(max_new_tokens or default)
         if self.max_new_tokens <= 0:
@@ -539,15 +613,22 @@ class CountdownTask:
             return compact_prompt(item["numbers"], item["target"])
         if self.prompt_style == "chat":
             return chat_prompt(item["numbers"], item["target"], tokenizer)
+        if self.prompt_style == "paper":
+            return paper_prompt(item["numbers"], item["target"])
         return item.get("context") or plain_prompt(item["numbers"], item["target"])
 
     def score(self, completion: str, item: dict) -> dict:
-        out = reward(completion, item["numbers"], item["target"])
+        if self.targets == "paper" and not paper_solvable(item["target"]):
+            fmt = format_reward(completion) if isinstance(completion, str) else 0.0
+            out = {"reward": 0.1 * fmt, "format_reward": fmt, "answer_reward": 0.0}
+        else:
+            out = reward(completion, item["numbers"], item["target"])
         out["correct"] = out["answer_reward"] > 0
         return out
 
     def __repr__(self) -> str:
-        return f"CountdownTask(prompt_style={self.prompt_style!r}, max_new_tokens={self.max_new_tokens})"
+        extra = f", targets={self.targets!r}" if self.targets != "esnb" else ""
+        return f"CountdownTask(prompt_style={self.prompt_style!r}, max_new_tokens={self.max_new_tokens}{extra})"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
