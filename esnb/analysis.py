@@ -10,8 +10,11 @@
 """
 from __future__ import annotations
 
+import math
 import weakref
-from typing import Iterable
+from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -144,20 +147,27 @@ def group_shifts(shifts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def matched_random_walk(shifts: dict[str, torch.Tensor], steps: int, step_rms: float | None = None,
+def matched_random_walk(shifts: dict[str, torch.Tensor], steps: int, step_rms: float | Sequence[float] | None = None,
                         seed: int = 0) -> dict[str, torch.Tensor]:
     """A random walk over the same tensors: ``steps`` steps of i.i.d. Gaussian noise with RMS
     ``step_rms`` per element. ``step_rms=None`` matches the size of the walk to the observed
     change: ``rms(all shifts) / sqrt(steps)``, so that walk and run have the same overall RMS and
-    differ only in *shape* (how the change is spread over weights). The sum of ``steps`` Gaussian
+    differ only in *shape* (how the change is spread over weights); a sequence of ``steps`` sizes
+    (a run's logged per-step RMS) matches the walk step by step instead. The sum of ``steps`` Gaussian
     steps is itself Gaussian with variance ``steps * step_rms**2``, so it is drawn in one go."""
     if steps < 1:
         raise ValueError("steps: must be >= 1")
     if step_rms is None:
         flat = torch.cat([d.reshape(-1).double() for d in shifts.values()])
         step_rms = float(flat.pow(2).mean().sqrt()) / steps ** 0.5
+    if isinstance(step_rms, (int, float)):
+        scale = float(step_rms) * steps ** 0.5
+    else:  # one RMS per step (e.g. a run's logged update sizes): variances add
+        sizes = [float(x) for x in step_rms]
+        if len(sizes) != steps:
+            raise ValueError(f"step_rms: expected {steps} step sizes, got {len(sizes)}")
+        scale = math.sqrt(sum(x * x for x in sizes))
     gen = torch.Generator().manual_seed(seed)
-    scale = step_rms * steps ** 0.5
     return {k: torch.randn(d.shape, generator=gen, dtype=d.dtype if d.is_floating_point() else torch.float64) * scale
             for k, d in shifts.items()}
 
@@ -206,3 +216,114 @@ def token_embedding_shifts(before: nn.Module, after: nn.Module, tokenizer, top: 
     return pd.DataFrame({"token": [tokenizer.convert_ids_to_tokens(int(i)) for i in order],
                          "change / median row": [float(rows[i]) / median if median > 0 else float("inf")
                                                  for i in order]})
+
+
+# ---------------------------------------------------------------- learning or drift? (notebook 09)
+
+
+def es_step_norm(alpha: float, n_params: int, population: int) -> float:
+    """Expected norm of one z-scored ES step, ``alpha * sqrt(1 + (P - 2) / N)``.
+
+    With N independent Gaussian directions in P dimensions and z-scored rewards (mean 0, population
+    std 1, so ``sum z = 0`` and ``sum z**2 = N``), the step ``alpha/N sum z_n eps_n`` has
+    ``E||step||^2 = alpha**2 (1 + (P - 2)/N)`` for a locally linear reward: the component along the
+    gradient contributes N(N-1), each of the P-1 others N. For P >> N that is
+    ``alpha * sqrt(P/N)``, whatever the rewards (unless they all tie)."""
+    if population < 2 or n_params < 1:
+        raise ValueError("population: need >= 2 members and n_params >= 1")
+    return alpha * math.sqrt(1 + (n_params - 2) / population)
+
+
+def _coefficients(entry: dict) -> dict[int, float]:
+    """sum of sign * weight per distinct seed of one logged iteration (antithetic pairs share a seed)."""
+    coef: dict[int, float] = {}
+    for s, sg, w in zip(entry["seeds"], entry["signs"], entry["weights"]):
+        coef[int(s)] = coef.get(int(s), 0.0) + sg * w
+    return coef
+
+
+def logged_step_norms(entries: Sequence[dict], alpha: float, n_params: int) -> np.ndarray:
+    """The norm each logged ES step should have given its shaped weights alone:
+    ``alpha/N * sqrt(P * sum_s c_s**2)`` with ``c_s`` the summed ``sign * weight`` of seed ``s``
+    (distinct seeds' noise is independent, so cross terms vanish for P >> N). Without antithetic
+    pairs ``sum c**2 = N``; with them it is ``sum (w+ - w-)**2``, which is 0 when both members of
+    every pair scored the same."""
+    out = []
+    for e in entries:
+        c = np.array(list(_coefficients(e).values()))
+        out.append(alpha / len(e["seeds"]) * math.sqrt(n_params * float((c ** 2).sum())))
+    return np.array(out)
+
+
+def shuffled_entries(entries: Sequence[dict], seed: int = 0) -> list[dict]:
+    """The same seed log with each iteration's shaped weights randomly permuted among its members.
+
+    Replaying it gives the **shuffled-reward null**: the same noise directions, the same number of
+    steps and the same spread of weights (z-scoring commutes with permuting the rewards), but
+    rewards that no longer belong to the directions that earned them."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for e in entries:
+        w = np.asarray(e["weights"], dtype=float)
+        out.append({**e, "weights": w[gen.permutation(len(w))].tolist()})
+    return out
+
+
+@torch.no_grad()
+def noise_projections(es: Any, entries: Sequence[dict], directions: dict[str, Sequence[torch.Tensor]]) -> dict[str, np.ndarray]:
+    """``<sign_n * eps_{t,n}, d>`` for every logged member ``n`` of every iteration ``t`` and each
+    direction ``d`` (a list of tensors shaped like ``es.params.master``): arrays of shape (T, N).
+
+    The run's displacement along ``d`` is then ``alpha/N sum_{t,n} w_{t,n} c_{t,n}``
+    (:func:`projection_of`) for the logged weights and for any permutation of them, so thousands
+    of shuffled-reward nulls cost one pass over the noise. Each seed's noise is regenerated once."""
+    master = es.params.master
+    for name, d in directions.items():
+        if len(d) != len(master) or any(a.shape != b.shape for a, b in zip(d, master)):
+            raise ValueError(f"directions[{name!r}]: expected tensors shaped like the model's parameters")
+    dirs = {k: [t.to(device=m.device, dtype=m.dtype) for t, m in zip(d, master)] for k, d in directions.items()}
+    out = {k: np.zeros((len(entries), len(entries[0]["seeds"]) if entries else 0)) for k in directions}
+    for t, e in enumerate(entries):
+        dots = {k: {} for k in directions}
+        for s in dict.fromkeys(int(x) for x in e["seeds"]):
+            acc = {k: 0.0 for k in directions}
+            for i in range(len(master)):
+                eps = es.params.noise(s, i).reshape(-1)
+                for k, d in dirs.items():
+                    acc[k] += float(torch.dot(eps, d[i].reshape(-1)))
+            for k in directions:
+                dots[k][s] = acc[k]
+        for k in directions:
+            out[k][t] = [sg * dots[k][int(s)] for s, sg in zip(e["seeds"], e["signs"])]
+    return out
+
+
+def projection_of(entries: Sequence[dict], projections: np.ndarray, alpha: float) -> float:
+    """The run's displacement along a direction, ``alpha/N sum_{t,n} w_{t,n} <sign eps_{t,n}, d>``
+    (plain SGD steps, as the paper's update), from :func:`noise_projections`."""
+    w = np.array([e["weights"] for e in entries], dtype=float)
+    return float(alpha / w.shape[1] * (w * projections).sum())
+
+
+def null_projections(entries: Sequence[dict], projections: np.ndarray, alpha: float, draws: int = 1000,
+                     seed: int = 0) -> np.ndarray:
+    """Displacements along the direction of ``draws`` shuffled-reward nulls (each iteration's
+    weights permuted independently): the spread a run that learned nothing would show."""
+    if draws < 1:
+        raise ValueError("draws: must be >= 1")
+    gen = np.random.default_rng(seed)
+    w = np.array([e["weights"] for e in entries], dtype=float)
+    t, n = w.shape
+    out = np.empty(draws)
+    for k in range(draws):
+        perm = np.argsort(gen.random((t, n)), axis=1)
+        out[k] = alpha / n * (np.take_along_axis(w, perm, axis=1) * projections).sum()
+    return out
+
+
+def walk_spread(step_norms: Sequence[float], n_params: int, direction_norm: float = 1.0) -> float:
+    """Standard deviation of a random walk's displacement along a fixed direction of norm
+    ``direction_norm``, for steps of the given norms in uniformly random directions of P
+    dimensions: ``|d| * sqrt(sum step**2 / P)`` (the walk matched step by step, not only at the end)."""
+    s = np.asarray(step_norms, dtype=float)
+    return float(direction_norm * math.sqrt(float((s ** 2).sum()) / n_params))
