@@ -80,22 +80,50 @@ def _split_stops(tokenizer: Any, stop_strings: Sequence[str]) -> tuple[set[int],
 
 
 # ----------------------------------------------------------------------------------------
-# A lean decoder for small Llama models. Hugging Face's forward costs a few milliseconds of
-# Python per call whatever the model size; for the tiny model that overhead *is* the cost of
-# generation. This path reads the same weights (so in-place ES perturbations are seen), keeps a
-# preallocated KV cache, and does the same math as LlamaForCausalLM (checked in
-# tests/test_generation.py against the Hugging Face path).
+# A lean decoder for Llama-family models (Llama 1-3, SmolLM2, Qwen2/2.5). Hugging Face's forward
+# costs a few milliseconds of Python per call whatever the model size; for the tiny model that
+# overhead *is* the cost of generation. This path reads the same weights (so in-place ES
+# perturbations are seen), keeps a preallocated KV cache, and does the same math as the Hugging
+# Face forward (checked in tests/test_generation.py on the tiny model and on small random Qwen2
+# and Llama-3 configs). A decode step works on 2-D (rows, features) tensors (a linear on a
+# 3-D (rows, 1, features) input costs about twice as much on a CPU at these sizes), small models
+# get fused q|k|v and gate|up matrices, rotary tables are built once per batch, the padding mask
+# is an additive bias built once, and the logits go into one reused buffer.
 # ----------------------------------------------------------------------------------------
 
+_LEAN_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# rope types whose inverse frequencies are fixed (read from the model's rotary module); "dynamic"
+# and friends change them with the sequence length and stay on the Hugging Face path
+_LEAN_ROPE = ("default", "linear", "llama3")
+
+
+def _rope_type(cfg: Any) -> str:
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return "default"
+    return str(rope.get("rope_type", rope.get("type", "default")))
+
+
 def _fast_llama_ok(model: Any) -> bool:
+    """True when :class:`_LeanLlama` covers ``model``: a Llama or Qwen2 causal LM with SiLU MLPs,
+    full attention in every layer and a static rope (default, linear, llama3); biases allowed."""
     cfg = getattr(model, "config", None)
-    if type(model).__name__ != "LlamaForCausalLM" or cfg is None:
+    if type(model).__name__ not in _LEAN_MODELS or cfg is None:
         return False
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    return (rope_type == "default" and getattr(cfg, "hidden_act", "silu") == "silu"
-            and not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False)
-            and getattr(cfg, "pretraining_tp", 1) == 1)
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if getattr(rot, "inv_freq", None) is None:
+        return False
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    return (_rope_type(cfg) in _LEAN_ROPE and getattr(cfg, "hidden_act", "silu") == "silu"
+            and getattr(cfg, "pretraining_tp", 1) == 1 and all(t == "full_attention" for t in layer_types))
+
+
+def _plain_llama_ok(model: Any) -> bool:
+    """The narrower case of the low-rank population decoder: plain Llama, default rope, no biases."""
+    cfg = getattr(model, "config", None)
+    return (type(model).__name__ == "LlamaForCausalLM" and _fast_llama_ok(model)
+            and _rope_type(cfg) == "default" and not getattr(cfg, "attention_bias", False)
+            and not getattr(cfg, "mlp_bias", False))
 
 
 def _rms(x, w, eps):
@@ -110,98 +138,203 @@ def _rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class _LeanLlama:
-    """Greedy decoding for ``LlamaForCausalLM`` with a preallocated cache."""
+def _linear_t(mods: Sequence[Any], copy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W^T, bias)`` of one linear, or of several applied to the same input side by side.
+    ``copy``: W^T as a contiguous (in, out) copy (a matrix product reads it about 10% faster at
+    decoding sizes); otherwise a transposed view of the live weight (no memory)."""
+    if len(mods) == 1 and not copy:
+        return mods[0].weight.t(), mods[0].bias
+    wt = torch.cat([m.weight for m in mods]).t().contiguous()
+    if all(m.bias is None for m in mods):
+        return wt, None
+    return wt, torch.cat([m.bias if m.bias is not None else wt.new_zeros(m.weight.shape[0]) for m in mods])
 
-    def __init__(self, model):
+
+class _LeanLlama:
+    """Greedy decoding for Llama-family models with a preallocated cache.
+
+    ``fuse``: concatenate the q/k/v and gate/up weights into one matrix each (one matrix product
+    instead of three and two) and keep every matrix transposed and contiguous. That is a copy of
+    the weights made per batch, so it is on by default only for small models (under
+    ``SMALL_MODEL`` parameters), where the per-product overhead dominates and the copy costs
+    nothing. Weights are stored as ``(W^T, bias)``.
+
+    Rows may be dropped between steps (:meth:`select`); ``rows`` then says which of the batch's
+    rows each remaining position holds (``None``: all, in order).
+    """
+
+    def __init__(self, model, fuse: bool | None = None):
         cfg = model.config
         self.m = model.model
-        self.head = model.lm_head.weight
         self.eps = cfg.rms_norm_eps
         self.nh = cfg.num_attention_heads
         self.nkv = cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.rep = self.nh // self.nkv
         self.scale = self.hd ** -0.5
-        rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        dev = self.head.device
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float, device=dev) / self.hd))
+        self.nq, self.nk = self.nh * self.hd, self.nkv * self.hd
+        rot = self.m.rotary_emb
+        self.inv_freq = rot.inv_freq.float()
+        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
+        self.embed = self.m.embed_tokens.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        if fuse is None:
+            fuse = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+        self.fuse = bool(fuse)
+        self.head_t, self.head_b = _linear_t([model.lm_head], self.fuse)
+        # F.rms_norm is one kernel and equals the Hugging Face norm in float32; narrower dtypes
+        # keep the explicit formula (it rounds the normalised value before the weight multiply)
+        self.fused_norm = self.dtype == torch.float32 and hasattr(torch.nn.functional, "rms_norm")
+        self.layers = [self._layer(layer) for layer in self.m.layers]
+        self.final_norm = self.m.norm.weight
+        self.rows: torch.Tensor | None = None
 
-    def _cos_sin(self, pos, dtype):
-        freqs = pos[..., None].float() * self.inv_freq
+    def _layer(self, layer) -> dict:
+        att, mlp = layer.self_attn, layer.mlp
+        f = self.fuse
+        w = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+             "o": _linear_t([att.o_proj], f), "down": _linear_t([mlp.down_proj], f)}
+        if f:
+            w["qkv"] = [_linear_t([att.q_proj, att.k_proj, att.v_proj], f)]
+            w["gu"] = [_linear_t([mlp.gate_proj, mlp.up_proj], f)]
+        else:
+            w["qkv"] = [_linear_t([m], f) for m in (att.q_proj, att.k_proj, att.v_proj)]
+            w["gu"] = [_linear_t([m], f) for m in (mlp.gate_proj, mlp.up_proj)]
+        return w
+
+    # -- the pieces a population decoder overrides (x: 2-D, rows x features)
+    def lin(self, x, wb):
+        """``x W^T + b`` for 2-D ``x``; ``wb = (W^T, b)``."""
+        if wb[1] is None:
+            return torch.mm(x, wb[0])
+        return torch.addmm(wb[1], x, wb[0])
+
+    def lin_add(self, h, x, wb):
+        """``h + linear(x)`` in one matrix product (the residual rides in as the addend)."""
+        if wb[1] is not None:
+            return h + self.lin(x, wb)
+        return torch.addmm(h, x, wb[0])
+
+    def norm(self, x, w):
+        if self.fused_norm:
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return _rms(x, w, self.eps)
+
+    def embed_tokens(self, tok):
+        return self.embed[tok]
+
+    def logits(self, h):
+        """Logits of the rows of ``h`` (rows x hidden), in a buffer reused from step to step."""
+        x = self.norm(h, self.final_norm)
+        out = self._logits_buf[:x.shape[0]]
+        if self.head_b is None:
+            return torch.mm(x, self.head_t, out=out)
+        return torch.addmm(self.head_b, x, self.head_t, out=out)
+
+    # -- shared math
+    def _proj(self, x, pieces, sizes):
+        """Outputs of a fused (or unfused) group of linears, split into ``sizes``."""
+        if len(pieces) == 1:
+            return self.lin(x, pieces[0]).split(sizes, dim=-1)
+        return [self.lin(x, wb) for wb in pieces]
+
+    def _rope(self, x, cos, sin):
+        # x * cos + rotate_half(x) * sin, with rotate_half's sign folded into the sin table
+        # (bit-identical: negation is exact)
+        return x * cos + x.roll(self.hd // 2, dims=-1) * sin
+
+    def _mlp_act(self, x, w):
+        inter = w["down"][0].shape[-2]
+        g, u = self._proj(x, w["gu"], [inter, inter])
+        return torch.nn.functional.silu(g) * u
+
+    def _mlp(self, x, w):
+        return self.lin(self._mlp_act(x, w), w["down"])
+
+    def _tables(self, total):
+        """cos and sign-folded sin tables for positions 0..total-1 (as the model's rotary module)."""
+        pos = torch.arange(total, device=self.device).float()
+        freqs = pos[:, None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-    def _layers(self, h, cos, sin, kcache, vcache, start, mask):
-        b, t, _ = h.shape
-        rep = self.nh // self.nkv
-        for i, layer in enumerate(self.m.layers):
-            att = layer.self_attn
-            x = _rms(h, layer.input_layernorm.weight, self.eps)
-            q = torch.nn.functional.linear(x, att.q_proj.weight).view(b, t, self.nh, self.hd).transpose(1, 2)
-            k = torch.nn.functional.linear(x, att.k_proj.weight).view(b, t, self.nkv, self.hd).transpose(1, 2)
-            v = torch.nn.functional.linear(x, att.v_proj.weight).view(b, t, self.nkv, self.hd).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            kcache[i][:, :, start:start + t] = k
-            vcache[i][:, :, start:start + t] = v
-            kk, vv = kcache[i][:, :, :start + t], vcache[i][:, :, :start + t]
-            if t == 1:  # one query: plain matmuls beat the fused CPU kernel at this size
-                # grouped-query attention without copying the cache: the `rep` query heads that
-                # share a key/value head become `rep` query rows of that head
-                qg = q.reshape(b, self.nkv, rep, self.hd)
-                w = torch.matmul(qg, kk.transpose(-1, -2)) * self.scale
-                w = w.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                o = torch.matmul(w, vv).reshape(b, self.nh, 1, self.hd)
-            else:
-                if rep > 1:
-                    kk = kk.repeat_interleave(rep, dim=1)
-                    vv = vv.repeat_interleave(rep, dim=1)
-                o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            o = o.transpose(1, 2).reshape(b, t, self.nh * self.hd)
-            h = h + torch.nn.functional.linear(o, att.o_proj.weight)
-            x = _rms(h, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            g = torch.nn.functional.linear(x, mlp.gate_proj.weight)
-            u = torch.nn.functional.linear(x, mlp.up_proj.weight)
-            h = h + torch.nn.functional.linear(torch.nn.functional.silu(g) * u, mlp.down_proj.weight)
-        return h
-
-    def _logits(self, h):
-        return torch.nn.functional.linear(_rms(h, self.m.norm.weight, self.eps), self.head)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        half = self.hd // 2
+        self.cos_tab, self.sin_tab = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     def prefill(self, ids, attn, max_new):
+        """Prompts (b, t) -> logits of their last position (b, vocab)."""
         b, t = ids.shape
-        dtype = self.head.dtype
         total = t + max_new
-        self.k = [torch.empty(b, self.nkv, total, self.hd, dtype=dtype, device=ids.device)
-                  for _ in self.m.layers]
+        dev = ids.device
+        self._tables(total)
+        self.k = [torch.empty(b, self.nkv, total, self.hd, dtype=self.dtype, device=dev) for _ in self.layers]
         self.v = [torch.empty_like(x) for x in self.k]
-        self.valid = torch.zeros(b, total, dtype=torch.bool, device=ids.device)
-        self.valid[:, :t] = attn.bool()
+        # additive attention bias: -inf on left padding, 0 on real tokens and everything generated
+        self.bias = torch.zeros(b, total, dtype=self.dtype, device=dev)
+        self.bias[:, :t].masked_fill_(~attn.bool(), float("-inf"))
         self.t = t
-        self.pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self._cos_sin(self.pos, dtype)
-        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        cos, sin = self.cos_tab[pos][:, :, None], self.sin_tab[pos][:, :, None]   # (b, t, 1, hd)
+        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         # padding rows attend to themselves only (their output is never used; this avoids NaN)
-        mask = (causal[None] & self.valid[:, None, :t]) | torch.eye(t, dtype=torch.bool, device=ids.device)[None]
-        h = self._layers(self.m.embed_tokens.weight[ids], cos, sin, self.k, self.v, 0, mask[:, None])
-        self.pos = self.pos[:, -1:]
-        return self._logits(h[:, -1])
+        mask = ((causal[None] & attn.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)[None])[:, None]
+        h = self.embed_tokens(ids).reshape(b * t, -1)
+        for i, w in enumerate(self.layers):
+            x = self.norm(h, w["ln1"])
+            q, k, v = self._proj(x, w["qkv"], [self.nq, self.nk, self.nk])
+            q = self._rope(q.reshape(b, t, self.nh, self.hd), cos, sin).transpose(1, 2)
+            k = self._rope(k.reshape(b, t, self.nkv, self.hd), cos, sin).transpose(1, 2)
+            v = v.reshape(b, t, self.nkv, self.hd).transpose(1, 2)
+            self.k[i][:, :, :t] = k
+            self.v[i][:, :, :t] = v
+            if self.rep > 1:
+                k, v = k.repeat_interleave(self.rep, dim=1), v.repeat_interleave(self.rep, dim=1)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = h + self.lin(o.transpose(1, 2).reshape(b * t, self.nq), w["o"])
+            h = h + self._mlp(self.norm(h, w["ln2"]), w)
+        self.pos = pos[:, -1].clone()
+        self.rows = None
+        self._logits_buf = torch.empty(b, self.head_t.shape[-1], dtype=self.dtype, device=dev)
+        return self.logits(h.view(b, t, -1)[:, -1])
 
-    def select(self, rows):
-        """Keep only the batch rows ``rows`` (finished sequences stop costing compute)."""
-        self.k = [x[rows] for x in self.k]
-        self.v = [x[rows] for x in self.v]
-        self.valid, self.pos = self.valid[rows], self.pos[rows]
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the current positions ``keep`` (finished sequences stop costing compute)."""
+        self.k = [x[keep] for x in self.k]
+        self.v = [x[keep] for x in self.v]
+        self.bias, self.pos = self.bias[keep], self.pos[keep]
+        self.rows = keep if self.rows is None else self.rows[keep]
 
     def step(self, tok):
-        self.pos = self.pos + 1
-        cos, sin = self._cos_sin(self.pos, self.head.dtype)
-        self.valid[:, self.t] = True
-        mask = self.valid[:, None, None, :self.t + 1]
-        h = self._layers(self.m.embed_tokens.weight[tok[:, None]], cos, sin, self.k, self.v, self.t, mask)
-        self.t += 1
-        return self._logits(h[:, -1])
+        """The next tokens (one per current position) -> logits (positions, vocab)."""
+        self.pos += 1
+        b, t = tok.shape[0], self.t
+        cos, sin = self.cos_tab[self.pos][:, None], self.sin_tab[self.pos][:, None]   # (b, 1, hd)
+        bias = self.bias[:, None, None, :t + 1]
+        h = self.embed_tokens(tok)
+        for i, w in enumerate(self.layers):
+            x = self.norm(h, w["ln1"])
+            if len(w["qkv"]) == 1:  # fused: rotate q and k in one go (they sit side by side)
+                qkv = self.lin(x, w["qkv"][0])
+                qk = self._rope(qkv[:, :self.nq + self.nk].reshape(b, self.nh + self.nkv, self.hd), cos, sin)
+                q = qk[:, :self.nh]
+                self.k[i][:, :, t] = qk[:, self.nh:]
+                self.v[i][:, :, t] = qkv[:, self.nq + self.nk:].reshape(b, self.nkv, self.hd)
+            else:
+                q, k, v = self._proj(x, w["qkv"], [self.nq, self.nk, self.nk])
+                q = self._rope(q.reshape(b, self.nh, self.hd), cos, sin)
+                self.k[i][:, :, t] = self._rope(k.reshape(b, self.nkv, self.hd), cos, sin)
+                self.v[i][:, :, t] = v.reshape(b, self.nkv, self.hd)
+            kk, vv = self.k[i][:, :, :t + 1], self.v[i][:, :, :t + 1]
+            # one query: plain matmuls beat the fused CPU kernel at this size; grouped-query
+            # attention without copying the cache: the `rep` query heads that share a key/value
+            # head become `rep` query rows of that head
+            a = torch.matmul(q.reshape(b, self.nkv, self.rep, self.hd), kk.transpose(-1, -2))
+            a = a.mul_(self.scale).add_(bias).softmax(dim=-1)
+            o = torch.matmul(a, vv).view(b, self.nq)
+            h = self.lin_add(h, o, w["o"])
+            h = self.lin_add(h, self._mlp_act(self.norm(h, w["ln2"]), w), w["down"])
+        self.t = t + 1
+        return self.logits(h)
 
 
 def _truncate(text: str, stops: Sequence[str]) -> str:
@@ -238,22 +371,46 @@ class _GreedyState:
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.steps = 0
 
-    def push(self, t: int, logits: torch.Tensor) -> torch.Tensor:
-        """Pick step ``t``'s tokens from ``logits`` (finished rows get padding) and return them."""
+    def push(self, t: int, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Pick step ``t``'s tokens from ``logits`` (finished rows get padding) and return them.
+
+        ``rows``: which batch row each line of ``logits`` belongs to (``None``: all rows, in
+        order). A row may appear more than once if every copy but one is finished (a population
+        decoder pads members to equal widths with finished rows)."""
         nxt = logits.argmax(dim=-1)
-        nxt = torch.where(self.done, torch.full_like(nxt, self.pad_id), nxt)
-        self.out[:, t] = nxt
+        done = self.done if rows is None else self.done[rows]
+        nxt = nxt.masked_fill(done, self.pad_id)
+        fin = torch.isin(nxt, self.finish)
         # keep stop tokens (they are text the reward reads), drop EOS and padding
-        self.keep[:, t] = ~self.done & (~torch.isin(nxt, self.finish) | torch.isin(nxt, self.stops))
-        self.done = self.done | torch.isin(nxt, self.finish)
+        keep = ~done & (~fin | torch.isin(nxt, self.stops))
+        if rows is None:
+            self.out[:, t] = nxt
+            self.keep[:, t] = keep
+            self.done |= fin
+        else:
+            self.out[rows, t] = nxt
+            self.keep[rows, t] = keep
+            self.done[rows] = done | fin
         self.steps = t + 1
         return nxt
+
+    def check_text_stops(self, tokenizer, t: int, text_stops: Sequence[str], max_stop: int) -> None:
+        """Mark rows done whose last tokens spell one of ``text_stops`` (multi-token stop strings)."""
+        for b in (~self.done).nonzero().flatten().tolist():
+            tail = tokenizer.decode(self.out[b, max(0, t - max_stop):t + 1], skip_special_tokens=True)
+            if any(s in tail for s in text_stops):
+                self.done[b] = True
 
     def texts(self, tokenizer, text_stops: Sequence[str]) -> list[str]:
         """The kept tokens of each row as text, cut after the first text stop string."""
         out, keep = self.out[:, :self.steps].cpu(), self.keep[:, :self.steps].cpu()
         texts = [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
         return [_truncate(x, text_stops) if text_stops else x for x in texts]
+
+
+# drop finished rows from the batch once a quarter of it is done: a batch otherwise runs at full
+# width until its longest completion ends
+_DROP_AT = 0.75
 
 
 @torch.inference_mode()
@@ -263,45 +420,58 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
     ids, mask = _encode_prompts(tokenizer, prompts, device)
     batch = ids.shape[0]
     state = _GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
-    # positions count real tokens only, so left padding does not shift the prompt
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     max_stop = max((len(s) for s in text_stops), default=0)
 
-    lean = _LeanLlama(model) if fast else None
-    if lean is not None:
-        logits = lean.prefill(ids, mask, max_new_tokens)
-        active = torch.arange(batch, device=device)  # the rows still in the lean decoder's batch
+    if fast:
+        dec = _LeanLlama(model)
+        logits = dec.prefill(ids, mask, max_new_tokens)
     else:
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
-        past, logits = res.past_key_values, res.logits[:, -1, :]
-    pos = pos[:, -1:]
+        dec = _HFStepper(model, ids, mask)
+        logits = dec.logits
+    width = batch  # rows in the decoder's batch
     for t in range(max_new_tokens):
-        nxt = state.push(t, logits)
+        nxt = state.push(t, logits, dec.rows)
         if text_stops:
-            for b in (~state.done).nonzero().flatten().tolist():
-                tail = tokenizer.decode(state.out[b, max(0, t - max_stop):t + 1], skip_special_tokens=True)
-                if any(s in tail for s in text_stops):
-                    state.done[b] = True
-        if bool(state.done.all()) or t == max_new_tokens - 1:
+            state.check_text_stops(tokenizer, t, text_stops, max_stop)
+        n_alive = batch - int(state.done.sum())
+        if n_alive == 0 or t == max_new_tokens - 1:
             break
-        if lean is not None:
-            # drop finished rows from the batch once a quarter of it is done: a batch otherwise
-            # runs at full width until its longest completion ends
-            alive = (~state.done).nonzero().flatten()
-            if alive.numel() <= 0.75 * active.numel():
-                lean.select(torch.searchsorted(active, alive))
-                active = alive
-            logits = torch.zeros((batch, logits.shape[-1]), dtype=logits.dtype, device=device)
-            logits[active] = lean.step(nxt[active])
-            continue
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        pos = pos + 1
-        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=past, use_cache=True)
-        past, logits = res.past_key_values, res.logits[:, -1, :]
-
+        if n_alive <= _DROP_AT * width:
+            alive = ~(state.done if dec.rows is None else state.done[dec.rows])
+            keep = alive.nonzero().flatten()
+            dec.select(keep)
+            nxt, width = nxt[keep], n_alive
+        logits = dec.step(nxt)
     return state.texts(tokenizer, text_stops)
+
+
+class _HFStepper:
+    """The Hugging Face forward with a KV cache, one token per step, in :class:`_LeanLlama`'s
+    interface (``rows``, ``select``, ``step``): the path for every model the lean decoder does
+    not cover. Finished rows leave the batch (and the cache) as they do on the lean path."""
+
+    def __init__(self, model, ids, mask):
+        self.model = model
+        self.mask = mask
+        # positions count real tokens only, so left padding does not shift the prompt
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.past, self.logits = res.past_key_values, res.logits[:, -1, :]
+        self.pos = pos[:, -1:]
+        self.rows: torch.Tensor | None = None
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.past.batch_select_indices(keep)
+        self.mask, self.pos = self.mask[keep], self.pos[keep]
+        self.rows = keep if self.rows is None else self.rows[keep]
+
+    def step(self, tok):
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        self.pos = self.pos + 1
+        res = self.model(input_ids=tok[:, None], attention_mask=self.mask, position_ids=self.pos,
+                         past_key_values=self.past, use_cache=True)
+        self.past = res.past_key_values
+        return res.logits[:, -1, :]
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
@@ -314,9 +484,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     after ``max_new_tokens`` tokens. Prompts are sorted by length into batches of
     ``batch_size`` (less padding), then put back in order.
 
-    ``fast``: use the lean Llama decoder (same math as the Hugging Face forward, several times
-    faster for small models on CPU). ``None`` (default) picks it for plain Llama models;
-    ``False`` forces the Hugging Face forward.
+    ``fast``: use the lean decoder (same math as the Hugging Face forward, several times faster
+    for small models on CPU). ``None`` (default) picks it for the models it covers (Llama 1-3
+    incl. SmolLM2, Qwen2/2.5: see ``_fast_llama_ok``); ``False`` forces the Hugging Face forward.
+    Both paths drop finished rows from the batch as they go.
 
     ``threads``: CPU threads for the duration of the call. ``None`` (default) uses one thread
     for small models on CPU (under 20M parameters: their matrices are too small to split) and

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .es import ES, Adam, ESConfig, Member
-from .generation import (_encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState, _split_stops, cpu_threads,
+from .generation import (_encode_prompts, _eos_ids, _GreedyState, _plain_llama_ok, _split_stops, cpu_threads,
                          generate)
 from .noise import _generator, noise_like, stream_seed
 
@@ -306,7 +306,7 @@ def generate_population(es: LowRankES, members: Sequence[Member], model: Any, to
     prompts = list(prompts)
     if not members or not prompts:
         return [[] for _ in members]
-    if not _fast_llama_ok(model):
+    if not _plain_llama_ok(model):
         out = []
         for m in members:
             with es.perturbed(m):

@@ -1,0 +1,98 @@
+"""The lean decoder's step, old vs new, side by side in one run (interleaved, same threads).
+
+    python benchmarks/decode_step.py                 # tiny model, 16 rows
+    python benchmarks/decode_step.py --rows 64 --threads 2
+
+* **step**: one call of the decoder's ``step`` on ``--rows`` rows (no row ever finishes: the
+  tokens are fed back for ``--steps`` steps), milliseconds per call;
+* **loop**: one token of ``generate`` (a whole greedy decode of the same prompts, EOS and stop
+  strings as usual, divided by the tokens generated), old ``generate`` vs new.
+
+"old" is ``benchmarks/_baseline_generation.py``, a frozen copy of esnb/generation.py before the
+leaner step (commit b69e441). Both must produce the same completions; the script checks that.
+Times are wall-clock on whatever the machine is doing: compare the two columns, not the numbers
+with another run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+
+import _baseline_generation as old
+import esnb.generation as new
+from esnb.models import load_model
+from esnb.tasks import countdown as cd
+
+
+def time_steps(cls, model, ids, mask, steps: int) -> float:
+    with torch.inference_mode():
+        dec = cls(model)
+        logits = dec.prefill(ids, mask, steps + 1)
+        nxt = logits.argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = dec.step(nxt).argmax(-1).reshape(-1)
+        return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device="cpu")
+    _, test = cd.load_split()
+    prompts = [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:args.rows]]
+    if args.model != "tiny":
+        prompts = [f"Use {p['numbers']} to make {p['target']}." for p in test[:args.rows]]
+    ids, mask = new._encode_prompts(tok, prompts, "cpu")
+    print(f"model {args.model}, {args.rows} rows, {args.steps} steps, {args.threads} thread(s), "
+          f"{args.repeats} interleaved repetitions, {os.cpu_count()} CPU cores (shared: times are inflated, "
+          f"the ratio is what counts)")
+
+    kw = dict(max_new_tokens=64, stop_strings=["</answer>"], batch_size=len(prompts), threads=args.threads)
+    out_old = old.generate(model, tok, prompts, **kw)
+    out_new = new.generate(model, tok, prompts, **kw)
+    out_hf = new.generate(model, tok, prompts, fast=False, **kw)
+    same = sum(a == b for a, b in zip(out_old, out_new))
+    print(f"completions: new == old on {same}/{len(prompts)}, new == Hugging Face forward on "
+          f"{sum(a == b for a, b in zip(out_hf, out_new))}/{len(prompts)}")
+    if same != len(prompts):
+        print("ERROR: the new decoder's completions differ from the old one's")
+        return 1
+    n_tokens = sum(len(tok.encode(o, add_special_tokens=False)) for o in out_new)
+
+    step_old, step_new, loop_old, loop_new = [], [], [], []
+    for r in range(args.repeats):
+        step_old.append(time_steps(old._LeanLlama, model, ids, mask, args.steps))
+        step_new.append(time_steps(new._LeanLlama, model, ids, mask, args.steps))
+        t0 = time.perf_counter()
+        old.generate(model, tok, prompts, **kw)
+        loop_old.append((time.perf_counter() - t0) / n_tokens * len(prompts))
+        t0 = time.perf_counter()
+        new.generate(model, tok, prompts, **kw)
+        loop_new.append((time.perf_counter() - t0) / n_tokens * len(prompts))
+    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(a, b))  # noqa: E731
+    print(f"decoder step ({args.rows} rows): old {ms(step_old):.2f} ms, new {ms(step_new):.2f} ms, "
+          f"speed-up {ratio(step_old, step_new):.2f}x (median of per-repetition ratios)")
+    print(f"generate, per decoded position ({n_tokens} tokens over {len(prompts)} prompts): "
+          f"old {ms(loop_old):.2f} ms, new {ms(loop_new):.2f} ms, speed-up {ratio(loop_old, loop_new):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
