@@ -7,14 +7,24 @@ ES parallelizes almost for free because a population member is an integer. With 
    :func:`esnb.es.iteration_seeds`), so nothing has to be sent to start an iteration;
 2. evaluates its share of the members, ``members[rank::W]`` (perturb in place, generate, score,
    restore), and writes their rewards into a zero-filled N-vector;
-3. sums these vectors over all ranks (one ``all_reduce`` of N rewards and N accuracies, 16 N
-   bytes: each slot is written by exactly one rank, so the sum is exact);
+3. sums these vectors over all ranks (one ``all_reduce`` of N rewards and N accuracies, a 16 N
+   byte buffer: each slot is written by exactly one rank, so the sum is exact);
 4. applies the same update from the same rewards and regenerated noise: every rank ends the
    iteration with the same weights, bit for bit, and no weight ever travels.
 
 The result is bit-identical to the single-process run with the same seed (the same seed log and
 the same final weights), because each member is scored by the same code on the same weights
-whichever rank does it, and the update sees the same numbers in the same order.
+whichever rank does it, and the update sees the same numbers in the same order. That holds under
+conditions: every rank on the same kind of hardware with the same software and the same number of
+threads as the single-process run (a matrix product may sum in another order with other threads or
+another CPU/GPU model), and on GPUs deterministic kernels
+(``torch.use_deterministic_algorithms(True)``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). The
+all-reduce itself adds exact zeros, so it never breaks it.
+
+N need not be a multiple of the number of processes W: the shares are round robin and differ by at
+most one member (:func:`member_share`); an iteration then takes as long as ``ceil(N / W)`` member
+evaluations (:func:`load_balance`), e.g. N=30 on 16 processes costs the time of 2 members per rank,
+as N=32 would, with two ranks idle half the time.
 
 Launch (one process per GPU, or several CPU processes)::
 
@@ -51,8 +61,8 @@ import torch.distributed as dist
 
 from .finetune import score_members
 
-__all__ = ["setup", "rank_and_world", "member_share", "population_evaluator", "bytes_per_iteration",
-           "weight_bytes", "main"]
+__all__ = ["setup", "rank_and_world", "member_share", "load_balance", "population_evaluator",
+           "ring_allreduce_bytes", "bytes_per_iteration", "weight_bytes", "main"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -81,10 +91,29 @@ def setup(backend: str | None = None) -> tuple[int, int]:
     return rank_and_world()
 
 
+def _check_counts(n_members: int, world: int) -> None:
+    for name, v, low in (("n_members", n_members, 0), ("world", world, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+
+
 def member_share(n_members: int, rank: int, world: int) -> list[int]:
     """The member indices a rank evaluates: ``rank, rank + W, rank + 2W, ...`` (round robin, so
-    the shares differ by at most one member)."""
+    the shares differ by at most one member; any N works with any W)."""
+    _check_counts(n_members, world)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank: expected an integer in [0, {world}), got {rank!r}")
     return list(range(rank, n_members, world))
+
+
+def load_balance(n_members: int, world: int) -> dict:
+    """How evenly N members spread over W ranks: ``{"slots", "busy"}``. ``slots = ceil(N / W)``
+    member evaluations per iteration on the busiest rank (what an iteration costs in time);
+    ``busy = N / (W * slots)``, the share of rank-time spent evaluating (1.0 when W divides N).
+    Example: N=30, W=16 -> 2 slots, busy 0.94 (the same time as N=32)."""
+    _check_counts(n_members, world)
+    slots = -(-n_members // world)
+    return {"slots": slots, "busy": n_members / (world * slots) if slots else 0.0}
 
 
 def _comm_device() -> torch.device:
@@ -137,12 +166,28 @@ def population_evaluator(check_seeds: bool = True) -> Callable:
     return evaluate
 
 
+def ring_allreduce_bytes(payload_bytes: int, world: int) -> int:
+    """Bytes one rank sends (and as many it receives) in a ring all-reduce of a ``payload_bytes``
+    buffer over ``world`` ranks: a reduce-scatter then an all-gather, ``W - 1`` steps each, one
+    W-th of the buffer per step, so ``2 (W - 1) / W x payload`` (rounded up). All ranks together put
+    ``2 (W - 1) x payload`` bytes on the wire. NCCL and gloo use rings for large buffers; for a
+    buffer of a few hundred bytes they may pick a tree, and the cost is latency (``2 (W - 1)``
+    message rounds for a ring), not bandwidth."""
+    _check_counts(0, world)
+    if isinstance(payload_bytes, bool) or not isinstance(payload_bytes, int) or payload_bytes < 0:
+        raise ValueError(f"payload_bytes: expected an integer >= 0, got {payload_bytes!r}")
+    return -(-2 * (world - 1) * payload_bytes // world)
+
+
 def bytes_per_iteration(population_size: int, world: int, check_seeds: bool = True) -> int:
-    """Payload bytes one rank contributes per iteration: the all-reduced (2, N) float64 vector, plus
-    the 8-byte seed check. (A ring all-reduce moves about twice this per rank; still O(N), not O(P).)"""
+    """Bytes one rank sends per iteration: a ring all-reduce (:func:`ring_allreduce_bytes`) of the
+    (2, N) float64 buffer of rewards and accuracies (``16 N`` bytes), plus the 8-byte seed check (a
+    broadcast from rank 0: each rank forwards at most 8 bytes in a pipelined broadcast). Grows with
+    N and tends to ``2 x 16 N`` as W grows; never with the number of parameters. 0 for one process."""
+    _check_counts(population_size, world)
     if world <= 1:
         return 0
-    return 2 * population_size * 8 + (8 if check_seeds else 0)
+    return ring_allreduce_bytes(16 * population_size, world) + (8 if check_seeds else 0)
 
 
 def weight_bytes(model: torch.nn.Module | int, bytes_per_element: int = 2) -> int:

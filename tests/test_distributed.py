@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from esnb.distributed import bytes_per_iteration, member_share, population_evaluator, weight_bytes
+from esnb.distributed import (bytes_per_iteration, load_balance, member_share, population_evaluator,
+                              ring_allreduce_bytes, weight_bytes)
 from esnb.finetune import score_members
 
 ARGS = ["--model", "tiny", "--task", "countdown", "--iterations", "3", "--population", "5", "--train-size", "8",
@@ -43,9 +44,38 @@ def test_member_share_covers_the_population_once():
             assert got == list(range(n))
 
 
-def test_bytes_per_iteration_is_tiny():
+def test_uneven_shares_n30_on_16_and_4_processes():
+    # N need not be a multiple of W: 30 on 16 ranks is 14 ranks x 2 members + 2 ranks x 1
+    sizes = [len(member_share(30, r, 16)) for r in range(16)]
+    assert sizes == [2] * 14 + [1] * 2
+    assert load_balance(30, 16) == {"slots": 2, "busy": 30 / 32}
+    assert [len(member_share(30, r, 4)) for r in range(4)] == [8, 8, 7, 7]
+    assert load_balance(30, 4)["slots"] == 8
+    assert load_balance(32, 16) == {"slots": 2, "busy": 1.0}
+    assert load_balance(3, 8) == {"slots": 1, "busy": 3 / 8}  # more ranks than members: some idle
+    with pytest.raises(ValueError, match="rank"):
+        member_share(30, 16, 16)
+    with pytest.raises(ValueError, match="world"):
+        load_balance(30, 0)
+
+
+def test_ring_allreduce_bytes_by_hand():
+    # 2 ranks: each sends half the buffer in the reduce-scatter and half in the all-gather
+    assert ring_allreduce_bytes(480, 2) == 480
+    # 8 ranks: 2 x 7/8 x 480 = 840; 16 ranks: 2 x 15/16 x 480 = 900; rounded up when not whole
+    assert ring_allreduce_bytes(480, 8) == 840
+    assert ring_allreduce_bytes(480, 16) == 900
+    assert ring_allreduce_bytes(10, 3) == 14  # 40/3 = 13.3 -> 14
+    assert ring_allreduce_bytes(480, 1) == 0
+
+
+def test_bytes_per_iteration_counts_the_ring():
     assert bytes_per_iteration(30, 1) == 0
-    assert bytes_per_iteration(30, 8) == 30 * 16 + 8
+    # N=30: a 480-byte buffer (30 rewards + 30 accuracies, float64) + the 8-byte seed check
+    assert bytes_per_iteration(30, 2) == 480 + 8
+    assert bytes_per_iteration(30, 8) == 840 + 8
+    assert bytes_per_iteration(30, 16) == 900 + 8
+    assert bytes_per_iteration(30, 16, check_seeds=False) == 900
     assert weight_bytes(1_000_000) == 2_000_000
 
 

@@ -1,0 +1,60 @@
+"""Solutions to the exercises of notebooks/06_es_vs_grpo.ipynb (each checks its own answer)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from esnb import stats
+
+
+def mcnemar_by_hand(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts only."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def exercise_1() -> None:
+    # both 10, only A 3, only B 12, neither 15: only the 15 discordant puzzles carry evidence
+    # (a puzzle both solve, or neither, says nothing about which method is better)
+    p = mcnemar_by_hand(3, 12)
+    assert p == 2 * (1 + 15 + 105 + 455) / 2**15  # = 0.03515625
+    assert abs(p - stats.mcnemar_exact(3, 12)) < 1e-15
+    # concordant puzzles never enter; a single discordant pair is no evidence at all
+    assert mcnemar_by_hand(0, 1) == 1.0
+    print(f"exercise 1: p = {p:.5f} (only the 3 + 12 discordant puzzles count)")
+
+
+def exercise_2() -> None:
+    # SE = sqrt(p (1 - p) / n): halving it takes 4x the puzzles; SE 0.01 at p = 0.25 takes
+    # n = 0.25 * 0.75 / 0.01**2 = 1,875 puzzles
+    se512 = stats.binomial_se(0.25, 512)
+    assert abs(stats.binomial_se(0.25, 4 * 512) - se512 / 2) < 1e-12
+    n = math.ceil(0.25 * 0.75 / 0.01**2)
+    assert n == 1875 and stats.binomial_se(0.25, n) <= 0.01
+    print(f"exercise 2: 512 puzzles -> SE {se512:.4f}; 2,048 -> {se512 / 2:.4f}; SE 0.01 needs {n:,} puzzles")
+
+
+def exercise_3() -> None:
+    # the more two methods agree puzzle by puzzle, the fewer discordant pairs and the narrower the
+    # paired interval; the unpaired interval ignores the agreement and stays wide
+    widths, discordant = {}, {}
+    for agreement in (0.5, 0.8, 0.95):
+        rng = np.random.default_rng(0)
+        a = rng.random(512) < 0.25
+        b = np.where(rng.random(512) < agreement, a, rng.random(512) < 0.25)
+        t = stats.paired_counts(a, b)
+        ci = stats.paired_bootstrap(a, b, n_boot=2000, seed=0)
+        widths[agreement], discordant[agreement] = ci["high"] - ci["low"], t["only_a"] + t["only_b"]
+    unpaired = 2 * 1.96 * math.sqrt(2) * stats.binomial_se(0.25, 512)
+    assert discordant[0.5] > discordant[0.8] > discordant[0.95]
+    assert widths[0.5] > widths[0.8] > widths[0.95]
+    assert all(w < unpaired for w in widths.values())
+    print(f"exercise 3: paired widths {', '.join(f'{k}: {v:.3f}' for k, v in widths.items())}; unpaired {unpaired:.3f}")
+
+
+if __name__ == "__main__":
+    for fn in (exercise_1, exercise_2, exercise_3):
+        fn()
