@@ -333,15 +333,17 @@ def _check(lab, path: str, tmp_path: Path, interact, live: bool) -> None:
     else:
         before = _images(panel)
     _shot(panel, lab, tmp_path, f"{stem}_before")
-    for step, (what, action) in enumerate(interact):
-        action(driver, panel)
-        start = time.monotonic()
-        after = _wait_redrawn(driver, panel, before, len(before), f"{path}, {what}")
-        print(f"{path}, {what}: redrawn in {time.monotonic() - start:.0f} s (inflated on shared cores)")
-        assert not any(map(_blank, after)), f"{path}, {what}: a figure is blank (one colour)"
-        assert "Traceback" not in panel.text
-        before = after
-    _shot(panel, lab, tmp_path, f"{stem}_after")
+    try:
+        for what, action in interact:
+            action(driver, panel)
+            start = time.monotonic()
+            after = _wait_redrawn(driver, panel, before, len(before), f"{path}, {what}")
+            print(f"{path}, {what}: redrawn in {time.monotonic() - start:.0f} s (inflated on shared cores)")
+            assert not any(map(_blank, after)), f"{path}, {what}: a figure is blank (one colour)"
+            assert "Traceback" not in panel.text
+            before = after
+    finally:  # what the panel shows after the interaction, passed or not
+        _shot(panel, lab, tmp_path, f"{stem}_after")
     assert not _errors_in_notebook(driver)
     errors = _console_errors(driver)
     assert not errors, f"{path}: the browser console logged errors: {errors}"
