@@ -1,0 +1,259 @@
+"""Population-batched full-rank decoding: every member's own weights, all members in one pass.
+
+Full-rank ES gives each member its own weights, so a population is normally evaluated one member
+after another: N decodes of the same prompts, each too small to keep a CPU busy (a decoding step
+of the tiny model is a few hundred microseconds of arithmetic wrapped in a few milliseconds of
+per-operation overhead). When N copies of the weights fit comfortably in memory, that overhead
+can be paid once instead of N times: build each member's perturbed weights from its seed (the
+very numbers :meth:`esnb.es.ES.perturbed` would write into the model), stack them into
+``(N, out, in)`` tensors, and decode all N x prompts sequences together, every matrix product a
+batched product over members (``torch.bmm``). The model itself is never perturbed.
+
+It computes what the per-member path computes (same noise, same greedy decoding; completions
+compared in tests/test_population.py), and it uses all the threads PyTorch is given: the batched
+products are large enough to split.
+
+Memory: the stacked weights (N x parameters in the model's dtype) plus a KV cache for
+N x prompts rows. :func:`use_population` chooses it automatically for small models (under
+``esnb.generation.SMALL_MODEL`` parameters) whose lean decoder exists, and members are decoded
+in chunks that keep weights and cache under :data:`MEMORY_BUDGET` bytes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .generation import (SMALL_MODEL, _DROP_AT, _encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState,
+                         _LeanLlama, _machine_busy, _split_stops)
+
+__all__ = ["use_population", "generate_members", "score_population", "MEMORY_BUDGET"]
+
+MEMORY_BUDGET = 1 << 30  # bytes of stacked weights + KV cache per chunk of members
+
+
+def use_population(choice: bool | str, model: Any, es: Any) -> bool:
+    """Whether to decode the population batched. ``choice``: ``True``, ``False`` or ``"auto"``
+    (batched when the model is small, covered by the lean decoder and ``es`` is plain full-rank
+    ES). ``True`` on a model or optimizer it cannot serve raises ``ValueError``."""
+    from .es import ES
+
+    if choice not in (True, False, "auto"):
+        raise ValueError(f"population_batch must be True, False or 'auto', got {choice!r}")
+    if choice is False:
+        return False
+    possible = type(es) is ES and _fast_llama_ok(model)
+    if choice is True:
+        if not possible:
+            raise ValueError("population_batch=True needs full-rank ES (esnb.es.ES) and a model the lean decoder "
+                             "covers (Llama, Qwen2); use 'auto' or False")
+        return True
+    return possible and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+
+
+class _PopLean(_LeanLlama):
+    """:class:`esnb.generation._LeanLlama` over M members' stacked weights.
+
+    Positions are member-major, ``S`` slots per member (row ``m * S + s``); a decoding step is
+    one batched product per weight matrix. Finished rows are dropped by shrinking every member
+    to the same number of slots (members with fewer live rows keep finished ones as fillers).
+    """
+
+    def __init__(self, model, es, members):
+        self.M = len(members)
+        self._index = {id(p): i for i, p in enumerate(es.params.params)}
+        self._es, self._members = es, members
+        self._cache: dict[int, torch.Tensor] = {}
+        super().__init__(model, fuse=True)
+        self.embed = self._stack(model.model.embed_tokens.weight)
+        self.final_norm = self._stack(model.model.norm.weight)
+        self.fused_norm = False  # the norm's weight differs per member: normalise, then scale
+
+    @torch.no_grad()
+    def _fill(self, dest: torch.Tensor, p: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """Write member m's perturbed copy of parameter ``p`` (transposed if asked) into
+        ``dest[m]``: exactly the numbers ``es.perturbed(member)`` writes into ``p``."""
+        ps, i = self._es.params, self._index[id(p)]
+        sigma = self._es.config.sigma
+        for m, member in enumerate(self._members):
+            s = member.sign * sigma
+            if ps.precision == "paper":   # perturbed in the model's dtype, as ParameterSet.perturb
+                w = p.detach().clone().add_(ps.noise(member.seed, i).mul_(s))
+            else:
+                w = ps.noise(member.seed, i).mul_(s).add_(ps.master[i])
+            dest[m].copy_(w.t() if transpose else w)
+        return dest
+
+    def _stack(self, p: torch.Tensor) -> torch.Tensor:
+        """(M, *shape): every member's perturbed copy of parameter ``p`` (built once)."""
+        key = id(p)
+        if key not in self._cache:
+            self._cache[key] = self._fill(torch.empty((self.M, *p.shape), dtype=p.dtype, device=p.device), p)
+        return self._cache[key]
+
+    def _lt(self, mods):
+        """Stacked ``(W^T, bias)``: (M, in, out) and (M, out), the linears ``mods`` side by side,
+        each member's weights written straight into place."""
+        w0 = mods[0].weight
+        sizes = [m.weight.shape[0] for m in mods]
+        wt = torch.empty((self.M, w0.shape[1], sum(sizes)), dtype=w0.dtype, device=w0.device)
+        for m, part in zip(mods, wt.split(sizes, dim=2)):
+            self._fill(part, m.weight, transpose=True)
+        if all(m.bias is None for m in mods):
+            return wt, None
+        return wt, torch.cat([self._stack(m.bias) if m.bias is not None else wt.new_zeros(self.M, m.weight.shape[0])
+                              for m in mods], dim=1)
+
+    def _layer(self, layer) -> dict:
+        att, mlp = layer.self_attn, layer.mlp
+        return {"ln1": self._stack(layer.input_layernorm.weight), "ln2": self._stack(layer.post_attention_layernorm.weight),
+                "o": self._lt([att.o_proj]), "down": self._lt([mlp.down_proj]),
+                "qkv": [self._lt([att.q_proj, att.k_proj, att.v_proj])],
+                "gu": [self._lt([mlp.gate_proj, mlp.up_proj])]}
+
+    # -- per-member pieces: x is (M * rows per member, features), member-major
+    def lin(self, x, wb):
+        x3 = x.reshape(self.M, -1, x.shape[-1])
+        if wb[1] is None:
+            return torch.bmm(x3, wb[0]).view(x.shape[0], -1)
+        return torch.baddbmm(wb[1][:, None], x3, wb[0]).view(x.shape[0], -1)
+
+    def lin_add(self, h, x, wb):
+        if wb[1] is not None:
+            return h + self.lin(x, wb)
+        return torch.baddbmm(h.reshape(self.M, -1, h.shape[-1]), x.reshape(self.M, -1, x.shape[-1]),
+                             wb[0]).view(h.shape)
+
+    def norm(self, x, w):
+        dt = x.dtype
+        xf = x.float()
+        xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dt)
+        return (w[:, None] * xf.reshape(self.M, -1, x.shape[-1])).view(x.shape)
+
+    def embed_tokens(self, tok):
+        mid = self.mid if tok.dim() == 1 else self.mid[:, None]
+        return self.embed[mid, tok]
+
+    def logits(self, h):
+        x = self.norm(h, self.final_norm)
+        out = self._logits_buf[:x.shape[0]]
+        wt, b = self.head_t, self.head_b
+        x3 = x.reshape(self.M, -1, x.shape[-1])
+        o3 = out.view(self.M, -1, out.shape[-1])
+        if b is None:
+            torch.bmm(x3, wt, out=o3)
+        else:
+            torch.baddbmm(b[:, None], x3, wt, out=o3)
+        return out
+
+    def prefill(self, ids, attn, max_new):
+        B = ids.shape[0]
+        self.mid = torch.arange(self.M, device=ids.device).repeat_interleave(B)
+        return super().prefill(ids.repeat(self.M, 1), attn.repeat(self.M, 1), max_new)
+
+    def select(self, keep):
+        super().select(keep)
+        self.mid = self.mid[keep]
+
+
+@torch.no_grad()  # not inference_mode: the ES noise buffer made here is reused outside it
+def _decode_chunk(model, es, members, tokenizer, ids, attn, max_new_tokens, eos, token_stops, text_stops):
+    M, B = len(members), ids.shape[0]
+    rows = M * B
+    state = _GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, ids.device)
+    max_stop = max((len(s) for s in text_stops), default=0)
+    dec = _PopLean(model, es, members)
+    logits = dec.prefill(ids, attn, max_new_tokens)
+    slots = B
+    member_base = torch.arange(M, device=ids.device)[:, None]
+    for t in range(max_new_tokens):
+        nxt = state.push(t, logits, dec.rows)
+        if text_stops:
+            state.check_text_stops(tokenizer, t, text_stops, max_stop)
+        if t == max_new_tokens - 1 or bool(state.done.all()):
+            break
+        live = ~(state.done if dec.rows is None else state.done[dec.rows]).view(M, slots)
+        need = int(live.sum(1).max())
+        if need <= _DROP_AT * slots:
+            # every member keeps `need` slots: its live rows first, then finished ones as fillers
+            order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices[:, :need]
+            keep = (order + member_base * slots).flatten()
+            dec.select(keep)
+            nxt, slots = nxt[keep], need
+        logits = dec.step(nxt)
+    return state.texts(tokenizer, text_stops)
+
+
+def _chunk_size(model, n_members: int, rows_per_member: int, total_len: int) -> int:
+    cfg = model.config
+    p = next(model.parameters())
+    weights = sum(x.numel() for x in model.parameters()) * p.element_size()
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * total_len * p.element_size() * rows_per_member
+    return max(1, min(n_members, MEMORY_BUDGET // max(1, weights + cache)))
+
+
+def generate_members(es: Any, members: Sequence[Any], model: Any, tokenizer: Any, prompts: Sequence[str],
+                     max_new_tokens: int, stop_strings: Sequence[str] = (), batch_size: int = 256,
+                     threads: int | None = None, members_per_pass: int | None = None) -> list[list[str]]:
+    """Greedy completions of ``prompts`` for each member (a list per member, in order), members
+    decoded together with their own full-rank weights (see the module's docstring).
+
+    Same arguments as :func:`esnb.generation.generate` (prompts are sorted by length into batches
+    of ``batch_size``, as there, so padding and hence the numbers are the same). ``threads``: CPU
+    threads for the call; ``None`` leaves PyTorch's setting (all cores by default), or uses one
+    thread when the machine's load already fills its cores. The model must hold the unperturbed
+    weights (``es``'s master); it is not modified.
+    """
+    members, prompts = list(members), list(prompts)
+    if max_new_tokens <= 0:
+        raise ValueError("max_new_tokens: must be positive")
+    if not members or not prompts:
+        return [[] for _ in members]
+    if es.params.perturbed_by is not None:
+        raise RuntimeError("the model is perturbed; generate_members needs the unperturbed weights")
+    old = torch.get_num_threads()
+    n = threads or (1 if _machine_busy() else None)
+    if n:
+        torch.set_num_threads(int(n))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        eos = _eos_ids(model, tokenizer)
+        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [[""] * len(prompts) for _ in members]
+        for s in range(0, len(prompts), batch_size):
+            idx = order[s:s + batch_size]
+            ids, attn = _encode_prompts(tokenizer, [prompts[i] for i in idx], device)
+            step = members_per_pass or _chunk_size(model, len(members), len(idx), ids.shape[1] + max_new_tokens)
+            for c in range(0, len(members), step):
+                chunk = members[c:c + step]
+                texts = _decode_chunk(model, es, chunk, tokenizer, ids, attn, max_new_tokens, eos, token_stops,
+                                      text_stops)
+                for m in range(len(chunk)):
+                    for j, i in enumerate(idx):
+                        out[c + m][i] = texts[m * len(idx) + j]
+    finally:
+        model.train(was_training)
+        if n:
+            torch.set_num_threads(old)
+    return out
+
+
+def score_population(es: Any, members: Sequence[Any], model: Any, tokenizer: Any, task: Any,
+                     prompts: Sequence[str], items: Sequence[Any], max_new_tokens: int, batch_size: int = 256,
+                     stop_strings: Sequence[str] | None = None, threads: int | None = None
+                     ) -> tuple[list[float], list[float]]:
+    """Mean reward and accuracy of each member over ``prompts``, as :func:`esnb.finetune.score_members`,
+    with the population decoded batched (:func:`generate_members`). ``stop_strings``: ``None`` =
+    the task's."""
+    stops = task.stop_strings if stop_strings is None else stop_strings
+    rewards, accs = [], []
+    for texts in generate_members(es, members, model, tokenizer, prompts, max_new_tokens, stops, batch_size, threads):
+        scores = [task.score(c, it) for c, it in zip(texts, items)]
+        rewards.append(float(np.mean([float(x["reward"]) for x in scores])))
+        accs.append(float(np.mean([bool(x["correct"]) for x in scores])))
+    return rewards, accs
