@@ -112,8 +112,9 @@ def curves_vs(ax: plt.Axes, frames, x: str = "seconds", y: str = "test", title: 
 
 
 def shift_histograms(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray], bins: int = 60, title: str = "",
-                     absolute: bool = True) -> plt.Axes:
-    """Histograms of weight changes (|delta| on a log axis when ``absolute``), one per label, overlaid."""
+                     absolute: bool = True, log_y: bool = False) -> plt.Axes:
+    """Histograms of weight changes (|delta| on a log axis when ``absolute``), one per label, overlaid.
+    ``log_y`` puts the fractions on a log axis too, where the tails show."""
     data = {k: np.asarray(torch.as_tensor(v).double().reshape(-1)) for k, v in shifts.items()}
     if absolute:
         data = {k: np.abs(v)[np.abs(v) > 0] for k, v in data.items()}
@@ -129,6 +130,33 @@ def shift_histograms(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray],
         ax.hist(v, bins=edges, histtype="step", linewidth=1.5, weights=np.full(v.size, 1 / max(v.size, 1)), label=k)
     ax.set_xlabel("|change of a weight|" if absolute else "change of a weight")
     ax.set_ylabel("fraction of weights")
+    if log_y:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def qq_normal(ax: plt.Axes, shifts: dict[str, torch.Tensor | np.ndarray], title: str = "", points: int = 200) -> plt.Axes:
+    """Quantiles of each standardized sample (``delta / rms``) against a standard normal's, on
+    quantiles spread to the far tails: a Gaussian change lies on the diagonal, heavy tails bend
+    away from it at the ends, a change bounded like Adam's (at most about lr per step) flattens."""
+    from statistics import NormalDist
+
+    p = np.concatenate([np.logspace(-5, -1, points // 4), np.linspace(0.1, 0.9, points // 2),
+                        1 - np.logspace(-1, -5, points // 4)])
+    z = np.array([NormalDist().inv_cdf(float(q)) for q in p])
+    for k, v in shifts.items():
+        v = np.asarray(torch.as_tensor(v).double().reshape(-1))
+        rms = float(np.sqrt(np.mean(v ** 2)))
+        if v.size == 0 or rms == 0:
+            continue
+        ax.plot(z, np.quantile(v / rms, p), lw=1.5, label=k)
+    ax.plot(z, z, color="gray", ls="--", lw=1, label="Gaussian")
+    ax.set_xlabel("standard normal quantile")
+    ax.set_ylabel("quantile of change / RMS")
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
