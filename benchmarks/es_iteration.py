@@ -1,22 +1,32 @@
-"""One ES iteration: our engine vs a straightforward paper-style loop, side by side.
+"""One ES iteration, measured honestly: esnb's engine beside three reference points.
 
-    python benchmarks/es_iteration.py --model tiny
-    python benchmarks/es_iteration.py --model smollm2-135m          # bf16, N=4, 8 prompts, 32 tokens
+    python benchmarks/es_iteration.py --model tiny                 # N=32, 16 prompts, 64 tokens
+    python benchmarks/es_iteration.py --model tiny --threads 2
+    python benchmarks/es_iteration.py --model smollm2-135m         # bf16, N=8, 8 prompts, 32 tokens
 
-Both sides use the same model, population size N, prompts, token cap and greedy decoding, and
-run alternately in this one process (several repetitions, median), so machine load hits both.
+Every timed item runs in this one process, with the same torch threads (``--threads``), in
+interleaved repetitions (the order rotates every repetition), so machine load hits all of them;
+the medians are printed, and the ratios are what count on a shared machine.
 
-* **reference** (what the paper's public code does, written plainly here): per member, for every
-  parameter tensor seed a generator, draw the noise in the model's dtype and add it in place;
-  ``model.generate`` (Hugging Face, greedy, stops when every sequence has emitted EOS);
-  regenerate the noise and subtract it; update: for every tensor, regenerate every member's noise
-  and add ``alpha/N * z_n * eps_n``.
+* **paper-style loop** (what the paper's public code does, written plainly here): per member, for
+  every parameter tensor seed a generator, draw the noise in the model's dtype and add it in
+  place; Hugging Face ``model.generate`` (KV cache, greedy, left padding, all prompts of a member
+  in one batch); regenerate the noise and subtract it; update: for every tensor, regenerate every
+  member's noise and add ``alpha/N * z_n * eps_n``.
 * **engine**: ``esnb.finetune.score_members`` + ``ES.tell``: perturb from the float32 master,
-  esnb's greedy decoder (lean Llama path, stop at the first ``</answer>``/EOS), restore by copy,
-  update from regenerated noise.
+  esnb's greedy decoder, restore by copy, update from regenerated noise. With the default
+  ``population_batch="auto"`` a small model is decoded population-batched (esnb.population); the
+  per-member engine is timed too.
+* **full-rank limit**: N separate batched generations of the same prompts with esnb's decoder,
+  no ES work at all (no noise, no update): what any full-rank ES that decodes member by member
+  pays at least.
+* **shared-weights batch**: ONE batched generation of all N x prompts sequences with the same
+  (unperturbed) weights: what a population decode would cost if the members shared weights (the
+  bound that population batching and low-rank noise approach).
 
-Prints seconds per iteration for both, the speed-up, and the share of the engine's iteration spent
-outside generation (perturb, restore, scoring, update), then a final ``RATIO`` line.
+Members must get distinct rewards (else the update skips its noise regeneration and flatters the
+engine): the number of distinct member rewards is printed, and the script stops with an error
+when they all tie. Choose ``--sigma`` / prompts / tokens so that they differ.
 """
 from __future__ import annotations
 
@@ -32,15 +42,16 @@ import numpy as np
 import torch
 
 import esnb.finetune as ft
+import esnb.population as population
 from esnb.es import ES, ESConfig, zscore
+from esnb.generation import _encode_prompts, generate
 from esnb.models import load_model
 from esnb.noise import stream_seed
 from esnb.tasks import get_task
-from esnb.tasks.countdown import load_split
 
-DEFAULTS = {  # model -> (N, prompts, max new tokens, dtype, repetitions)
-    "tiny": (16, 32, 64, "fp32", 5),
-    "smollm2-135m": (4, 8, 32, "bf16", 3),
+DEFAULTS = {  # model -> (N, prompts, max new tokens, dtype, repetitions, sigma, task)
+    "tiny": (32, 16, 64, "fp32", 3, 1e-2, "countdown"),
+    "smollm2-135m": (8, 8, 32, "bf16", 2, 3e-3, "arithmetic"),
 }
 
 
@@ -61,9 +72,10 @@ def reference_iteration(model, tok, task, prompts, items, seeds, sigma, alpha, m
         for i, p in enumerate(params):
             gen = torch.Generator(device=p.device).manual_seed(stream_seed(s, i))
             p.add_(sigma * torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype))
-        enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids, mask = _encode_prompts(tok, prompts, model.device)  # left padding, as esnb's decoder
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         scores = [task.score(_truncate(t, task.stop_strings), it) for t, it in zip(texts, items)]
         rewards.append(float(np.mean([float(x["reward"]) for x in scores])))
         for i, p in enumerate(params):
@@ -78,29 +90,6 @@ def reference_iteration(model, tok, task, prompts, items, seeds, sigma, alpha, m
     return rewards
 
 
-class _GenTimer:
-    """Wraps esnb.finetune.generate to count the seconds spent generating."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.inner = ft.generate
-
-    def __call__(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return self.inner(*a, **k)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
-def engine_iteration(es, model, tok, task, prompts, items, max_new, timer):
-    timer.seconds = 0.0
-    t0 = time.perf_counter()
-    rewards, _ = ft.score_members(es, es.ask(), model, tok, task, prompts, items, max_new, batch_size=len(prompts))
-    es.tell(rewards)
-    return rewards, time.perf_counter() - t0, timer.seconds
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
@@ -109,60 +98,106 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--dtype")
     ap.add_argument("--repeats", type=int)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (default 1)")
-    ap.add_argument("--sigma", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every item (default 1)")
+    ap.add_argument("--sigma", type=float)
     ap.add_argument("--alpha", type=float, default=5e-4)
     args = ap.parse_args(argv)
     key = args.model.strip().lower()
-    n, n_prompts, max_new, dtype, reps = DEFAULTS.get(key, DEFAULTS["smollm2-135m"])
+    n, n_prompts, max_new, dtype, reps, sigma, task_name = DEFAULTS.get(key, DEFAULTS["smollm2-135m"])
     n = args.population or n
     n_prompts = args.prompts or n_prompts
     max_new = args.max_new_tokens or max_new
     dtype = args.dtype or dtype
     reps = args.repeats or reps
-    torch.set_num_threads(args.threads)
+    sigma = args.sigma or sigma
+    threads = args.threads
+    torch.set_num_threads(threads)
+    # equal threads everywhere: esnb would otherwise pick one thread for small models (and on a
+    # busy machine); here every item gets --threads
+    population._machine_busy = lambda: False
+    inner_generate = ft.generate
+    ft.generate = lambda *a, **k: inner_generate(*a, **{**k, "threads": threads})
 
     model, tok = load_model(args.model, device="cpu", dtype=dtype)
-    task = get_task("countdown", prompt_style="compact" if key == "tiny" else "plain", max_new_tokens=max_new)
-    train, _ = load_split()
-    items = train[:n_prompts]
+    if task_name == "countdown":
+        from esnb.tasks.countdown import load_split
+
+        task = get_task("countdown", prompt_style="compact" if key == "tiny" else "plain", max_new_tokens=max_new)
+        items = load_split()[0][:n_prompts]
+    else:
+        from esnb.tasks.arithmetic import make_items
+
+        task = get_task("arithmetic")
+        items = make_items("+", 1, seed=0)[:n_prompts]
     prompts = [task.prompt(it, tok) for it in items]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} ({n_params / 1e6:.2f}M parameters, {dtype}), N={n}, {n_prompts} prompts, "
-          f"max {max_new} new tokens, greedy, {args.threads} thread(s), {reps} repetitions, "
-          f"{os.cpu_count()} CPU cores")
+    batched = population.use_population("auto", model, ES(model, ESConfig(population_size=2)))
+    print(f"model {args.model} ({n_params / 1e6:.2f}M parameters, {dtype}), task {task_name}, N={n}, "
+          f"{n_prompts} prompts, max {max_new} new tokens, sigma={sigma:g}, greedy, {threads} thread(s) for "
+          f"every item, {reps} interleaved repetitions, {os.cpu_count()} CPU cores (shared with other jobs: "
+          f"absolute times are inflated, compare the ratios)")
 
-    es = ES(model, ESConfig(population_size=n, sigma=args.sigma, alpha=args.alpha, seed=0))
-    timer = _GenTimer()
-    ft.generate = timer
-    ref_t, eng_t, gen_share = [], [], []
-    try:
-        # warm-up, one of each (allocations, lazy imports); not counted
-        engine_iteration(es, model, tok, task, prompts, items, max_new, timer)
-        reference_iteration(model, tok, task, prompts[:2], items[:2], [1], args.sigma, 0.0, 4)
-        es.params.sync()
-        for r in range(reps):
-            rewards_e, dt, gen = engine_iteration(es, model, tok, task, prompts, items, max_new, timer)
-            eng_t.append(dt)
-            gen_share.append(gen / dt)
-            seeds = es.history[-1]["seeds"]
+    es = ES(model, ESConfig(population_size=n, sigma=sigma, alpha=args.alpha, seed=0))
+    times: dict[str, list[float]] = {}
+    distinct: list[int] = []
+
+    def engine(choice):
+        def run():
+            rewards, _ = ft.score_members(es, es.ask(), model, tok, task, prompts, items, max_new,
+                                          batch_size=len(prompts), population_batch=choice)
+            distinct.append(len(set(rewards)))
+            es.tell(rewards)
+            return rewards
+        return run
+
+    def reference():
+        seeds = [m.seed for m in es.ask()]
+        reference_iteration(model, tok, task, prompts, items, seeds, sigma, args.alpha, max_new)
+        es.params.sync()  # the reference drifted the working weights (bf16); start the next item clean
+
+    def limit():
+        for _ in range(n):
+            generate(model, tok, prompts, max_new, task.stop_strings, batch_size=len(prompts), threads=threads)
+
+    def shared():
+        generate(model, tok, prompts * n, max_new, task.stop_strings, batch_size=len(prompts) * n, threads=threads)
+
+    items_to_time = {"paper-style loop": reference, "engine, per member": engine(False),
+                     "full-rank limit": limit, "shared-weights batch": shared}
+    if batched:
+        items_to_time["engine, population-batched"] = engine(True)
+    names = list(items_to_time)
+    # warm-up, not timed (allocations, lazy imports)
+    engine(batched)()
+    reference_iteration(model, tok, task, prompts[:2], items[:2], [1], sigma, 0.0, 4)
+    es.params.sync()
+    distinct.clear()
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        line = []
+        for name in order:
             t0 = time.perf_counter()
-            rewards_r = reference_iteration(model, tok, task, prompts, items, seeds, args.sigma, args.alpha, max_new)
-            ref_t.append(time.perf_counter() - t0)
-            es.params.sync()  # the reference drifted the working weights (bf16); start the next pair clean
-            same = sum(abs(a - b) < 1e-9 for a, b in zip(rewards_e, rewards_r))
-            print(f"  repetition {r + 1}: reference {ref_t[-1]:.2f} s, engine {eng_t[-1]:.2f} s "
-                  f"(generation {gen:.2f} s), member rewards equal on {same}/{n}", flush=True)
-    finally:
-        ft.generate = timer.inner
-    ref, eng = statistics.median(ref_t), statistics.median(eng_t)
-    outside = 1.0 - statistics.median(gen_share)
-    print(f"reference (paper-style loop): {ref:.3f} s/iteration (median of {reps})")
-    print(f"engine (esnb):                {eng:.3f} s/iteration (median of {reps})")
-    print(f"engine share outside generation (perturb, restore, scoring, update): {100 * outside:.1f}%")
-    pair = statistics.median(r / e for r, e in zip(ref_t, eng_t))
-    print(f"speed-up per repetition pair (median): {pair:.2f}x")
-    print(f"RATIO speed-up {ref / eng:.2f}x ({args.model}, N={n}, {n_prompts} prompts, {max_new} tokens, {dtype})")
+            items_to_time[name]()
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            line.append(f"{name} {times[name][-1]:.2f} s")
+        print(f"  repetition {r + 1}: " + ", ".join(line), flush=True)
+    print(f"distinct member rewards per engine iteration: {distinct} (of N={n})")
+    if max(distinct) <= 1:
+        print("ERROR: every member got the same reward: the update skips its noise and the comparison flatters "
+              "the engine; raise --sigma, or use more prompts or tokens")
+        return 1
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name in names:
+        print(f"{name:28s} {med[name]:8.3f} s/iteration (median of {reps})")
+    best = "engine, population-batched" if batched else "engine, per member"
+    e = med[best]
+    print(f"engine = {best}; its speed as a fraction of each reference (reference time / engine time):")
+    for name in ("paper-style loop", "full-rank limit", "shared-weights batch"):
+        print(f"  vs {name:22s} {med[name] / e:.2f}x")
+    if batched:
+        print(f"  (per-member engine vs paper-style loop: {med['paper-style loop'] / med['engine, per member']:.2f}x)")
+    print(f"RATIO engine vs paper-style loop {med['paper-style loop'] / e:.2f}x ({args.model}, N={n}, {n_prompts} prompts, "
+          f"{max_new} tokens, {dtype}, {threads} thread(s))")
     return 0
 
 
