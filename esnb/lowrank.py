@@ -79,6 +79,9 @@ class LowRankES(ES):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
         super().__init__(params, config, master_device=master_device)
+        if self.config.noise != "independent" or self.config.precision != "master":
+            raise ValueError("noise/precision: LowRankES draws its own low-rank noise from per-tensor streams "
+                             "with a float32 master; only noise='independent', precision='master' are supported")
         self.rank = rank
 
     def factors(self, member: Member, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,3 +164,65 @@ def test_weight_shift_table():
     assert abs(float(shifts["0.bias"].abs().min()) - 1.0) < 1e-6 and float(shifts["0.weight"].abs().max()) == 0.0
     table = shift_table(before, model).set_index("tensor")
     assert table.loc["0.bias", "changed"] == 1.0 and table.loc["2.weight", "changed"] == 0.0
+
+
+# ---------------------------------------------------------------- the shared noise table
+
+
+def test_noise_table_windows():
+    from esnb.noise import NoiseTable
+
+    table = NoiseTable(1000, seed=3)
+    assert table.nbytes == 4000
+    assert torch.equal(table.table, NoiseTable(1000, seed=3).table)   # a pure function of (size, seed)
+    out = table.noise_like(torch.empty(4, 5), seed=7, index=2)
+    start = table.offset(7, 2, 20)
+    assert start == stream_seed(7, 2) % 981
+    assert torch.equal(out.reshape(-1), table.table[start:start + 20])
+    assert not torch.equal(out, table.noise_like(torch.empty(4, 5), seed=8, index=2))
+    big = table.noise_into(torch.empty(2500), seed=1, index=0)      # larger than the table: wraps
+    assert torch.equal(big[:1000], big[1000:2000]) and torch.equal(big[:1000], table.table)
+    with pytest.raises(ValueError, match="size"):
+        NoiseTable(0)
+
+
+def test_table_noise_source_perturbs_with_table_windows_and_restores_exactly():
+    from esnb.noise import shared_table
+
+    model = _model()
+    snap = _snapshot(model)
+    ps = ParameterSet(model, noise="table")
+    with ps.perturbed(seed=11, sigma=0.1):
+        for i, (p, m) in enumerate(zip(model.parameters(), snap)):
+            eps = shared_table().noise_like(m, 11, i)
+            assert torch.equal(p, eps.mul(0.1).add(m))
+            assert torch.equal(noise_like(m, 11, i, source="table"), eps)
+    assert _same_bits(model, snap)
+    with pytest.raises(ValueError, match="noise"):
+        ParameterSet(model, noise="tabel")
+
+
+def test_noise_table_run_replays_bit_exactly_from_its_seed_log(tmp_path, one_cpu_thread):
+    import json
+
+    from esnb.finetune import FinetuneConfig, finetune, rebuild
+    from esnb.models import load_model
+    from esnb.tasks import countdown as cd, get_task
+
+    model, tok = load_model("tiny", device="cpu")
+    train, test = cd.load_split()
+    cfg = FinetuneConfig(population_size=6, sigma=0.05, alpha=0.01, iterations=2, train_size=6, test_size=2,
+                         max_new_tokens=40, eval_every=0, checkpoint_every=0, noise="table", save_final=False)
+    result = finetune(model, tok, get_task("countdown", prompt_style="compact"), train, test, cfg,
+                      output_dir=tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["noise"] == "table"
+    assert all(e["reward_max"] > e["reward_min"] for e in result.log_rows)  # real updates, not all-tie skips
+    trained = [p.detach().clone() for p in result.model.parameters()]
+    fresh, _ = load_model("tiny", device="cpu")
+    rebuild(tmp_path / "run", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(trained, fresh.parameters()))
+    # and the table changed the result: the same run with independent noise ends elsewhere
+    other, _ = load_model("tiny", device="cpu")
+    cfg.noise = "independent"
+    finetune(other, tok, get_task("countdown", prompt_style="compact"), train, test, cfg, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(trained, other.parameters()))
