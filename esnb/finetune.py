@@ -114,9 +114,10 @@ class FinetuneConfig:
       several times fewer operations). ``"auto"`` does so for small models on the lean decoder.
     * ``fidelity``: ``"esnb"`` (default) or ``"paper"``, one switch for the engine pieces of the
       paper's released code; each piece is also a field of its own (an explicit value wins):
-    * ``noise``: ``"independent"`` (esnb: a stream per tensor) or ``"paper"`` (every tensor of a
-      member seeded with the member's seed; same-shaped tensors get the same noise);
-      see :data:`esnb.noise.NOISE_SOURCES`.
+    * ``noise``: ``"independent"`` (esnb: a stream per tensor), ``"paper"`` (every tensor of a
+      member seeded with the member's seed; same-shaped tensors get the same noise) or
+      ``"table"`` (windows of one shared Gaussian table, :class:`esnb.noise.NoiseTable`: faster
+      on a CPU, 128 MiB, correlated noise); see :data:`esnb.noise.NOISE_SOURCES`.
     * ``precision``: ``"master"`` (esnb: float32 master copy, exact restore by copy) or ``"paper"``
       (perturb, restore by subtraction and update in the model's dtype, no master copy).
     * ``early_stop``: stop generating at the task's stop strings (esnb: ``True``, e.g. at the first
@@ -709,8 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--paper-faithful", dest="fidelity", action="store_const", const="paper",
                        help="all of them: --noise paper --precision paper --no-early-stop and, for countdown, "
                             "prompt_style=paper and targets=paper (give --data for the paper's puzzles)")
-    paper.add_argument("--noise", choices=["independent", "paper"],
-                       help="'paper': every tensor of a member seeded with the member's seed (default: independent streams)")
+    paper.add_argument("--noise", choices=["independent", "paper", "table"],
+                       help="'paper': every tensor of a member seeded with the member's seed; 'table': windows of one "
+                            "shared Gaussian table (esnb.noise.NoiseTable) (default: independent streams)")
     paper.add_argument("--precision", choices=["master", "paper"],
                        help="'paper': perturb, restore by subtraction and update in the model's dtype, no float32 "
                             "master (default: master)")
