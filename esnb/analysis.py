@@ -255,18 +255,37 @@ def logged_step_norms(entries: Sequence[dict], alpha: float, n_params: int) -> n
     return np.array(out)
 
 
+def _paired(entry: dict) -> bool:
+    """True when the members come in antithetic pairs: (seed, +1), (seed, -1), one pair after the other."""
+    seeds, signs = entry["seeds"], entry["signs"]
+    return len(seeds) % 2 == 0 and all(seeds[k] == seeds[k + 1] and signs[k] == -signs[k + 1]
+                                       for k in range(0, len(seeds), 2))
+
+
+def _shuffle(w: np.ndarray, paired: bool, gen: np.random.Generator) -> np.ndarray:
+    """One null draw of an iteration's weights: a random permutation of the members, or, for
+    antithetic pairs, a random permutation of the pairs with each pair's two weights swapped at
+    random (so every step keeps its size, which depends on the within-pair differences)."""
+    if not paired:
+        return w[gen.permutation(len(w))]
+    pairs = w.reshape(-1, 2)[gen.permutation(len(w) // 2)]
+    swap = gen.random(len(pairs)) < 0.5
+    pairs[swap] = pairs[swap][:, ::-1]
+    return pairs.reshape(-1)
+
+
 def shuffled_entries(entries: Sequence[dict], seed: int = 0) -> list[dict]:
-    """The same seed log with each iteration's shaped weights randomly permuted among its members.
+    """The same seed log with each iteration's shaped weights randomly reassigned among its members.
 
     Replaying it gives the **shuffled-reward null**: the same noise directions, the same number of
-    steps and the same spread of weights (z-scoring commutes with permuting the rewards), but
-    rewards that no longer belong to the directions that earned them."""
+    steps and the same weights in every step (z-scoring commutes with permuting the rewards), but
+    rewards that no longer belong to the directions that earned them. With antithetic pairs the
+    pairs are permuted as units and each pair's two weights swapped at random: the step norm
+    depends on the within-pair differences (:func:`logged_step_norms`), so the null keeps every
+    step's size exactly."""
     gen = np.random.default_rng(seed)
-    out = []
-    for e in entries:
-        w = np.asarray(e["weights"], dtype=float)
-        out.append({**e, "weights": w[gen.permutation(len(w))].tolist()})
-    return out
+    return [{**e, "weights": _shuffle(np.asarray(e["weights"], dtype=float), _paired(e), gen).tolist()}
+            for e in entries]
 
 
 @torch.no_grad()
@@ -308,16 +327,18 @@ def projection_of(entries: Sequence[dict], projections: np.ndarray, alpha: float
 def null_projections(entries: Sequence[dict], projections: np.ndarray, alpha: float, draws: int = 1000,
                      seed: int = 0) -> np.ndarray:
     """Displacements along the direction of ``draws`` shuffled-reward nulls (each iteration's
-    weights permuted independently): the spread a run that learned nothing would show."""
+    weights reassigned independently, as :func:`shuffled_entries`): the spread a run that learned
+    nothing would show."""
     if draws < 1:
         raise ValueError("draws: must be >= 1")
     gen = np.random.default_rng(seed)
     w = np.array([e["weights"] for e in entries], dtype=float)
-    t, n = w.shape
+    paired = [_paired(e) for e in entries]
+    n = w.shape[1]
     out = np.empty(draws)
     for k in range(draws):
-        perm = np.argsort(gen.random((t, n)), axis=1)
-        out[k] = alpha / n * (np.take_along_axis(w, perm, axis=1) * projections).sum()
+        shuffled = np.stack([_shuffle(w[t].copy(), paired[t], gen) for t in range(len(w))])
+        out[k] = alpha / n * (shuffled * projections).sum()
     return out
 
 

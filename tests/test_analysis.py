@@ -53,6 +53,9 @@ def test_projection_of_a_run_and_of_its_shuffled_null(antithetic):
     # a shuffled log replayed gives the displacement its shuffled weights predict
     null_log = analysis.shuffled_entries(entries, seed=5)
     assert [sorted(a["weights"]) for a in null_log] == [sorted(a["weights"]) for a in entries]
+    # the null keeps every step's size (with antithetic pairs too: pairs move as units)
+    assert np.allclose(analysis.logged_step_norms(null_log, es.config.alpha, target.numel()),
+                       analysis.logged_step_norms(entries, es.config.alpha, target.numel()))
     null_es = replay(({**ES(torch.zeros(target.numel()), es.config).state_dict()}, null_log))
     got = float(null_es.params.master[0].double() @ target.double())
     assert analysis.projection_of(null_log, proj, es.config.alpha) == pytest.approx(got, rel=1e-6)
