@@ -181,7 +181,7 @@ class _LeanLlama:
         if fuse is None:
             fuse = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
         self.fuse = bool(fuse)
-        self.head_t, self.head_b = _linear_t([model.lm_head], self.fuse)
+        self.head_t, self.head_b = self._lt([model.lm_head])
         # F.rms_norm is one kernel and equals the Hugging Face norm in float32; narrower dtypes
         # keep the explicit formula (it rounds the normalised value before the weight multiply)
         self.fused_norm = self.dtype == torch.float32 and hasattr(torch.nn.functional, "rms_norm")
@@ -191,16 +191,19 @@ class _LeanLlama:
 
     def _layer(self, layer) -> dict:
         att, mlp = layer.self_attn, layer.mlp
-        f = self.fuse
         w = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-             "o": _linear_t([att.o_proj], f), "down": _linear_t([mlp.down_proj], f)}
-        if f:
-            w["qkv"] = [_linear_t([att.q_proj, att.k_proj, att.v_proj], f)]
-            w["gu"] = [_linear_t([mlp.gate_proj, mlp.up_proj], f)]
+             "o": self._lt([att.o_proj]), "down": self._lt([mlp.down_proj])}
+        if self.fuse:
+            w["qkv"] = [self._lt([att.q_proj, att.k_proj, att.v_proj])]
+            w["gu"] = [self._lt([mlp.gate_proj, mlp.up_proj])]
         else:
-            w["qkv"] = [_linear_t([m], f) for m in (att.q_proj, att.k_proj, att.v_proj)]
-            w["gu"] = [_linear_t([m], f) for m in (mlp.gate_proj, mlp.up_proj)]
+            w["qkv"] = [self._lt([m]) for m in (att.q_proj, att.k_proj, att.v_proj)]
+            w["gu"] = [self._lt([m]) for m in (mlp.gate_proj, mlp.up_proj)]
         return w
+
+    def _lt(self, mods):
+        """``(W^T, bias)`` of the linears ``mods`` side by side (see :func:`_linear_t`)."""
+        return _linear_t(mods, self.fuse)
 
     # -- the pieces a population decoder overrides (x: 2-D, rows x features)
     def lin(self, x, wb):
