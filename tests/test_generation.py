@@ -111,13 +111,15 @@ def _random_model(kind: str, vocab: int):
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed({"qwen2": 0, "llama3": 1, "llama-bias": 2}[kind])
+    torch.manual_seed({"qwen2": 0, "llama3": 1, "llama-bias": 2, "llama-linear": 3}[kind])
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
     elif kind == "llama3":
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope, **common))
+    elif kind == "llama-linear":
+        model = LlamaForCausalLM(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(attention_bias=True, mlp_bias=True, **common))
     with torch.no_grad():  # biases start at zero: make them count
@@ -127,7 +129,7 @@ def _random_model(kind: str, vocab: int):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "llama-bias"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "llama-bias", "llama-linear"])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_lean_decoder_covers_qwen2_and_llama3_with_hugging_face_tokens(tiny, prompts, kind, fuse, monkeypatch):
     _, tok = tiny
