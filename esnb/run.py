@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._env import NOTEBOOKS_DIR, REPO_ROOT, read_records
+from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_records
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -36,12 +36,22 @@ def find_notebooks(directory: Path = NOTEBOOKS_DIR, only: Sequence[str] | None =
     return chosen
 
 
+MAX_VALUE_CHARS = 10_000  # a parameter is a number, a name or a short list; not a file's worth
+
+
 def parse_value(text: str) -> Any:
-    """A ``-p`` value: a Python/JSON literal when it parses as one (3, 0.01, True, [1, 2]), else the string."""
+    """A ``-p`` value: a Python/JSON literal when it parses as one (3, 0.01, True, [1, 2]), else the string.
+
+    Longer than ``MAX_VALUE_CHARS`` raises ``ValueError`` (deeply nested literals would exhaust
+    the parser; nothing is ever run as code either way)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a string, got {type(text).__name__}")
+    if len(text) > MAX_VALUE_CHARS:
+        raise ValueError(f"value of {len(text):,} characters; at most {MAX_VALUE_CHARS:,} are accepted")
     for parse in (ast.literal_eval, json.loads):
         try:
             return parse(text)
-        except (ValueError, SyntaxError, json.JSONDecodeError):
+        except (ValueError, SyntaxError, json.JSONDecodeError, RecursionError, MemoryError, TypeError):
             pass
     lowered = text.lower()
     if lowered in {"true", "false"}:
@@ -67,24 +77,63 @@ class Outcome:
     error: str = ""
 
 
-def _describe_failure(exc: BaseException, nb_path: Path) -> str:
+def _code_cells(nb: dict) -> list[dict]:
+    # Count code cells as the author sees them: without papermill's injected-parameters cell.
+    return [c for c in nb.get("cells", []) if c.get("cell_type") == "code"
+            and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
+def _cell_label(i: int, cell: dict) -> str:
+    source = cell.get("source", "")
+    first = "".join(source).strip().splitlines()[:1] if isinstance(source, (list, str)) else []
+    return f"{i}" + (f" ({first[0][:60]!r})" if first else "")
+
+
+def failed_cell(nb: dict) -> tuple[str, dict] | None:
+    """``(label, error output)`` of the first code cell of an executed notebook that raised,
+    ``SystemExit`` included (IPython shows it as an error and papermill goes on as if nothing
+    happened), or ``None``."""
+    for i, c in enumerate(_code_cells(nb), start=1):
+        for o in c.get("outputs", []) or []:
+            if o.get("output_type") == "error":
+                return _cell_label(i, c), o
+    return None
+
+
+def _last_started_cell(nb: dict) -> str:
+    """The last code cell papermill started: the one running when the kernel died or timed out."""
+    label = "?"
+    for i, c in enumerate(_code_cells(nb), start=1):
+        if (c.get("metadata", {}).get("papermill") or {}).get("start_time"):
+            label = _cell_label(i, c)
+    return label
+
+
+def _describe_failure(exc: BaseException | None, nb_path: Path) -> str:
     # papermill's error names the exception; the executed notebook tells which cell it was.
-    cell = "?"
+    nb: dict = {}
     try:
         nb = json.loads(nb_path.read_text())
-        # Count code cells as the author sees them: without papermill's injected-parameters cell.
-        code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"
-                      and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-        for i, c in enumerate(code_cells, start=1):
-            if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
-                first = "".join(c["source"]).strip().splitlines()[:1]
-                cell = f"{i}" + (f" ({first[0][:60]!r})" if first else "")
-                break
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         pass
-    ename = getattr(exc, "ename", type(exc).__name__)
-    evalue = getattr(exc, "evalue", str(exc))
-    return f"code cell {cell}: {ename}: {str(evalue).strip().splitlines()[-1] if str(evalue).strip() else ''}"
+    found = failed_cell(nb) if isinstance(nb, dict) else None
+    if found is not None:
+        cell, out = found
+        ename, evalue = out.get("ename", "error"), str(out.get("evalue", ""))
+    else:  # no error output: the kernel died or a cell timed out while running
+        cell = _last_started_cell(nb) if isinstance(nb, dict) else "?"
+        ename = getattr(exc, "ename", type(exc).__name__ if exc is not None else "error")
+        evalue = str(getattr(exc, "evalue", exc if exc is not None else ""))
+    evalue = evalue.strip().splitlines()[-1] if evalue.strip() else ""
+    return f"code cell {cell}: {ename}: {evalue}".rstrip(": ")
+
+
+def _kernel_config() -> Any:
+    """Talk to the kernel over IPC sockets where the system has them: over TCP ipykernel warns on
+    every start that the traffic is unencrypted, noise in every clean run's output."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
 
 
 def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any], smoke: bool,
@@ -109,8 +158,12 @@ def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any
             os.environ["ESNB_SMOKE"] = "1"
         try:
             pm.execute_notebook(str(path), str(out_path), parameters=params, kernel_name=kernel,
-                                cwd=str(path.parent), progress_bar=False, log_output=False)
+                                cwd=str(path.parent), progress_bar=False, log_output=False,
+                                config=_kernel_config())
             status, error = "ok", ""
+            if out_path.exists() and failed_cell(json.loads(out_path.read_text())) is not None:
+                # sys.exit() in a cell: papermill carries on, but the notebook did not run through
+                status, error = "FAILED", _describe_failure(None, out_path)
         except Exception as exc:  # noqa: BLE001 - any failure is reported and the suite goes on
             status, error = "FAILED", _describe_failure(exc, out_path)
         finally:
@@ -138,20 +191,39 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_table(outcomes: Sequence[Outcome]) -> str:
-    """A plain-text table: notebook, status, seconds, headline numbers."""
+def summary_table(outcomes: Sequence[Outcome], smoke: bool = False, width: int = 100) -> str:
+    """A plain-text table: notebook, status, seconds, headline numbers (wrapped at ``width``
+    characters, between numbers). ``smoke``: say so on top, so quick-run numbers are not
+    mistaken for the course's results."""
     rows = [("notebook", "status", "seconds", "headline numbers")]
     for o in outcomes:
-        headline = ", ".join(f"{k}={_fmt(v)}" for k, v in o.records.items())
+        items = [f"{k}={_fmt(v)}" for k, v in o.records.items()]
         if o.error:
-            headline = o.error + (f"; {headline}" if headline else "")
-        rows.append((o.notebook, o.status, f"{o.seconds:.1f}", headline))
+            items.insert(0, o.error + (";" if items else ""))
+        rows.append((o.notebook, o.status, f"{o.seconds:.1f}", items))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    indent = sum(widths) + 2 * 3
+    room = max(30, width - indent)
     lines = []
+    if smoke:
+        lines.append("SMOKE RUN: quick CI-sized versions; their numbers are not the course's results")
     for i, r in enumerate(rows):
-        lines.append("  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  " + r[3])
+        head = "  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  "
         if i == 0:
+            lines.append(head + r[3])
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
+            continue
+        chunks, current = [], ""
+        for item in r[3]:
+            piece = item if not current else (current + (" " if current.endswith(";") else ", ") + item)
+            if current and len(piece) > room:
+                chunks.append(current + ("" if current.endswith(";") else ","))
+                current = item
+            else:
+                current = piece
+        chunks.append(current)
+        lines.append((head + chunks[0]).rstrip())
+        lines.extend(" " * indent + c for c in chunks[1:])
     return "\n".join(lines)
 
 
@@ -224,7 +296,7 @@ def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False) -> fl
 # ---------------------------------------------------------------- command line
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
+    parser = OneLineParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute the notebooks with papermill and summarize")
@@ -277,7 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if not notebooks:
         parser.error(f"no notebooks found in {args.notebooks}")
-    params = {name: parse_value(value) for name, value in args.parameter}
+    params = {}
+    for name, value in args.parameter:
+        try:
+            params[name] = parse_value(value)
+        except ValueError as exc:
+            parser.error(f"-p {name[:40]}: {exc}")
     declared_anywhere = set()
     for nb in notebooks:
         declared_anywhere |= set(declared_parameters(nb))
@@ -285,10 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"parameter(s) {', '.join(unknown)} not declared by any selected notebook")
     output = args.output or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output: {output} is a file, not a folder")
     outcomes = run_suite(notebooks, output, params, smoke=args.smoke, kernel=args.kernel)
     print()
-    print(summary_table(outcomes))
+    print(summary_table(outcomes, smoke=args.smoke))
     failed = [o for o in outcomes if o.status != "ok"]
     total = sum(o.seconds for o in outcomes)
-    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} notebooks ran in {total:.0f} s; executed copies in {output}")
+    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} notebooks ran{' (smoke mode)' if args.smoke else ''} "
+          f"in {total:.0f} s; executed copies in {output}")
     return 1 if failed else 0

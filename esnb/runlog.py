@@ -25,6 +25,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,11 +45,170 @@ LOG = "log.jsonl"
 REPLAY_KEYS = ("iteration", "seeds", "signs", "weights")
 
 
+# ---------------------------------------------------------------- file modes
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than two calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def match_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` (and, for a folder, everything in it) the mode an ordinary ``open`` would:
+    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
+
+    Why: ``tempfile.mkstemp`` (our atomic writes) and safetensors create files 0600, so a run or
+    a model another user should read came out private to its writer.
+    """
+    path = Path(path)
+    mask = umask()
+    items = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in items:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    return path
+
+
+# ---------------------------------------------------------------- one writer per run folder
+
+LOCK = ".esnb-run.lock"
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while a run writes to it.
+
+    ``fcntl.flock`` on ``DIR/.esnb-run.lock``: the operating system drops it when the process
+    ends in any way (kill -9 included), so a lock can never outlive its run. The file holds the
+    holder's pid, host and start time for the message the loser gets; a file left by a killed
+    run is reclaimed (``reclaimed`` then holds what it said). Re-entrant within one process
+    (the command line takes it before loading the model, :func:`esnb.finetune.finetune` again).
+    On a system without ``fcntl`` (Windows) the lock is advisory only: nothing is enforced.
+
+    ``RunLock(dir).acquire()`` creates ``dir`` if needed; it raises :class:`RunLocked` naming the
+    holder when another process has it. ``release()`` removes the file (and the folder, when
+    this lock created it and nothing else was written there).
+    """
+
+    _held: dict[str, list] = {}  # real path -> [owner, depth, fd]: re-entrance within this process
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK
+        self.reclaimed: str | None = None
+        self._fd: int | None = None
+        self._made_dir = False
+
+    def _key(self) -> str:
+        return os.path.realpath(self.directory)
+
+    def acquire(self) -> "RunLock":
+        held = RunLock._held.get(self._key())
+        if held is not None:
+            held[1] += 1
+            self._fd = -1  # this handle is a nested hold of the outer lock
+            return self
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"{self.directory} is a file, not a folder")
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True)
+            self._made_dir = True
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no enforcement
+            fcntl = None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    self._cleanup_dir()
+                    raise RunLocked(f"{self.directory} is in use by another run ({holder}); wait for it to "
+                                    f"end or choose another folder") from None
+            # the holder we waited out may have removed the file: lock the file that is there now
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = os.read(fd, 4096).decode(errors="replace").strip()
+        if old:
+            self.reclaimed = old  # a run killed before it could clean up; the OS freed its lock
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        self._fd = fd
+        RunLock._held[self._key()] = [self, 1, fd]
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self._fd = None
+        key = self._key()
+        held = RunLock._held.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del RunLock._held[key]
+        fd, owner = held[2], held[0]
+        try:
+            os.unlink(owner.path)  # still holding the lock: nobody can be between open and flock on it
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        owner._cleanup_dir()
+
+    def _cleanup_dir(self) -> None:
+        if self._made_dir:
+            try:
+                self.directory.rmdir()  # only when empty: a refused or failed start leaves nothing
+            except OSError:
+                pass
+            self._made_dir = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files an interrupted atomic write left in ``directory`` (a killed
+    run's half-written checkpoint can be gigabytes); call it only while holding the folder's
+    :class:`RunLock`. Returns the names removed."""
+    directory = Path(directory)
+    removed = []
+    for p in sorted(directory.glob(".*.tmp")):
+        if p.is_file():
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
 # ---------------------------------------------------------------- atomic files
 
 
 def _atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, then ``os.replace`` it onto ``path``."""
+    """Call ``write(file)`` on a temp file beside ``path``, fsync, then ``os.replace`` it onto ``path``.
+    The file gets the mode the umask gives (mkstemp alone makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,6 +217,7 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -84,6 +245,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """JSON, atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
     return _atomic_write(path, lambda f: f.write(data))
+
+
+def read_run_config(directory: str | os.PathLike) -> dict:
+    """A run folder's ``config.json`` as a dict; a missing or damaged one raises ``ValueError``
+    naming the file (one line a command line can print)."""
+    path = Path(directory) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (not a run folder)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged (expected a JSON object, got {type(meta).__name__})")
+    return meta
 
 
 # ---------------------------------------------------------------- the log

@@ -217,6 +217,9 @@ def save(model, tokenizer, log: list[dict] | None, out_dir: str | Path = TINY_DI
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    from .runlog import match_umask
+
+    match_umask(out / "model.safetensors")  # safetensors writes it 0600
     if log is not None:
         with open(out / "training_log.jsonl", "w") as f:
             for row in log:
@@ -233,10 +236,43 @@ def load_log(out_dir: str | Path = TINY_DIR):
     return pd.read_json(Path(out_dir) / "training_log.jsonl", lines=True)
 
 
+# (low, high) of each numeric option of the command line; None: unbounded on that side
+_BOUNDS = dict(hidden_size=(1, 8192), layers=(1, 64), heads=(1, 256), intermediate_size=(1, 32768),
+               steps=(1, None), batch_size=(1, 65536), lr=(0.0, 10.0), warmup=(0, None), n_sft=(1, 200_000),
+               seed=(0, 2**63 - 1), eval_every=(0, None), n_val=(1, 100_000), target_acc=(0.0, 1.0),
+               tag_rate=(0.0, 1.0))
+
+
+def _check_options(ap, opts: dict, out: str) -> None:
+    """Every bad option ends the command with one line, before anything is trained."""
+    for k, (low, high) in _BOUNDS.items():
+        v = opts[k]
+        if v is None:  # target_acc=None: train all steps
+            continue
+        if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high) \
+                or (k == "lr" and v <= 0):
+            span = f"in ({low}, {high}]" if k == "lr" else (f"in [{low}, {high}]" if high is not None else f">= {low}")
+            ap.error(f"--{k.replace('_', '-')}: must be {span}, got {v!r}")
+    if opts["hidden_size"] % opts["heads"] or (opts["hidden_size"] // opts["heads"]) % 2:
+        ap.error(f"--hidden-size: must be divisible by --heads into an even size per head "
+                 f"(got {opts['hidden_size']} and {opts['heads']})")
+    if opts["warmup"] > opts["steps"]:
+        ap.error(f"--warmup: {opts['warmup']} is more than --steps {opts['steps']}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        ap.error(f"--out: {out} is a file, not a folder")
+    from .models import _writable
+
+    if not _writable(path):  # found out now, not after minutes of training
+        ap.error(f"--out: {out} cannot be written here")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m esnb.tinylm",
-                                 description="Retrain the tiny Countdown LM and write data/tiny/ "
-                                             "(or data/tiny-base/ with --base).")
+    from ._env import OneLineParser
+
+    ap = OneLineParser(prog="python -m esnb.tinylm",
+                       description="Retrain the tiny Countdown LM and write data/tiny/ "
+                                   "(or data/tiny-base/ with --base).")
     ap.add_argument("--base", action="store_true",
                     help="train the 'tiny-base' variant (tag_rate 0.5, all steps) into data/tiny-base/")
     for k, v in DEFAULTS.items():
@@ -248,13 +284,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = BASE if args.base else DEFAULTS
     opts = {k: recipe[k] if getattr(args, k) is None else getattr(args, k) for k in DEFAULTS}
     out = args.out or str(TINY_BASE_DIR if args.base else TINY_DIR)
+    _check_options(ap, opts, out)
     t0 = time.perf_counter()
     model, tok, log = train(**opts)
     seconds = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     meta = {**opts, "parameters": params, "train_seconds": round(seconds, 1),
             "stopped_at_step": log[-1]["step"]}
-    save(model, tok, log, out, meta)
+    try:
+        save(model, tok, log, out, meta)
+    except OSError as e:
+        ap.exit(1, f"{ap.prog}: error: --out: cannot write {out} ({e.strerror or e})\n")
     accs = [r["val_accuracy"] for r in log if "val_accuracy" in r]
     last = f"last val accuracy {accs[-1]:.2f}" if accs else "no validation (--eval-every 0)"
     print(f"{params:,} parameters, {log[-1]['step']} steps in {seconds:.0f} s; {last}; saved to {out}")

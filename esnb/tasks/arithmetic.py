@@ -116,10 +116,13 @@ class ArithmeticTask:
 
     def __init__(self, ops: str = "+", digits: int = 1, n_test: int = 50, chat: bool | None = None,
                  max_new_tokens: int = 16, seed: int = 0):
-        if not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
+        if not isinstance(ops, str) or not ops or any(op not in OPS for op in ops) or len(set(ops)) != len(ops):
             raise ValueError(f"ops: expected a string of distinct characters from '+-*', got {ops!r}")
-        if digits not in (1, 2):
+        if isinstance(digits, bool) or digits not in (1, 2):
             raise ValueError(f"digits: expected 1 or 2, got {digits!r}")
+        for arg, value in (("max_new_tokens", max_new_tokens), ("n_test", n_test), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{arg}: expected an integer, got {value!r}")
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens: must be positive")
         self.ops, self.digits, self.chat, self.seed = ops, int(digits), chat, int(seed)

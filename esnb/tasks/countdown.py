@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -224,19 +226,44 @@ def evaluate_expression(text: str) -> Fraction | None:
         return None
 
 
+# Targets are bounded before any big number is built: a target like "1e999999999" would make
+# Fraction() build a billion-digit integer (minutes), and every reward call parses the target.
+MAX_TARGET = 10**12        # Countdown targets are small integers; anything beyond is a data error
+MAX_TARGET_CHARS = 40
+_TARGET_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d{1,4}))?|[+-]?\d+/\d+")
+
+
 def _parse_target(target: Any) -> Fraction:
+    """The target as a Fraction, accepted or refused in microseconds: a finite number (or numeric
+    string) of magnitude at most ``MAX_TARGET``; anything else raises ``ValueError``."""
+    bad = f"target: expected a finite number or numeric string of magnitude <= {MAX_TARGET:.0e}, got "
     if isinstance(target, bool):
-        raise ValueError(f"target: expected a number or a numeric string, got {target!r}")
-    if isinstance(target, (int, Fraction)):
+        raise ValueError(bad + repr(target))
+    if isinstance(target, int):
+        if abs(target) > MAX_TARGET:  # a comparison, never a huge repr
+            raise ValueError(bad + f"an integer of {target.bit_length()} bits")
         return Fraction(target)
-    if isinstance(target, float):
-        return Fraction(target).limit_denominator(10**9)
-    if isinstance(target, str):
+    if isinstance(target, Fraction):
+        value = target
+    elif isinstance(target, float):
+        if not math.isfinite(target) or abs(target) > MAX_TARGET:
+            raise ValueError(bad + repr(target))
+        value = Fraction(target).limit_denominator(10**9)
+    elif isinstance(target, str):
+        text = target.strip()
+        match = _TARGET_TEXT.fullmatch(text) if len(text) <= MAX_TARGET_CHARS else None
+        # the exponent is at most 4 digits, so Fraction builds at most a ~10,000-digit number
+        if match is None or (match.group(1) is not None and abs(int(match.group(1))) > 30):
+            raise ValueError(bad + (repr(target) if len(target) <= 60 else repr(target[:60]) + "..."))
         try:
-            return Fraction(target.strip())
+            value = Fraction(text)
         except (ValueError, ZeroDivisionError):
-            pass
-    raise ValueError(f"target: expected a number or a numeric string, got {target!r}")
+            raise ValueError(bad + repr(target)) from None
+    else:
+        raise ValueError(bad + repr(target)[:80])
+    if abs(value) > MAX_TARGET:
+        raise ValueError(bad + (repr(target) if len(repr(target)) <= 60 else "a larger number"))
+    return value
 
 
 def _answers(text: str) -> list[str]:
@@ -468,12 +495,14 @@ def _check_item(item: Any, where: str) -> dict:
     nums = item["numbers"]
     if (not isinstance(nums, list) or not nums
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in nums)):
-        raise ValueError(f"{where}: 'numbers' must be a non-empty list of integers, got {nums!r}")
+        raise ValueError(f"{where}: 'numbers' must be a non-empty list of integers, got {str(nums)[:80]}")
+    if len(nums) > 64 or any(abs(x) >= 10**MAX_NUMBER_DIGITS for x in nums):
+        raise ValueError(f"{where}: 'numbers' must hold at most 64 integers of at most "
+                         f"{MAX_NUMBER_DIGITS} digits")
     try:
         _parse_target(item["target"])
-    except ValueError:
-        raise ValueError(f"{where}: 'target' must be a number or numeric string, "
-                         f"got {item['target']!r}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: 'target' must be {str(e).partition('expected ')[2]}") from None
     out = dict(item)
     out["target"] = str(item["target"])
     return out
@@ -501,6 +530,10 @@ def load_puzzles(path: str | Path) -> list[dict]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of puzzles")
         for k, item in enumerate(data):
             items.append(_check_item(item, f"{path}: item {k}"))
     else:
@@ -511,6 +544,8 @@ def load_puzzles(path: str | Path) -> list[dict]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise ValueError(f"{path}: line {lineno}: invalid JSON ({str(e)[:80]})") from None
             items.append(_check_item(item, f"{path}: line {lineno}"))
     if not items:
         raise ValueError(f"{path}: no puzzles found")
@@ -601,9 +636,11 @@ class CountdownTask:
             raise ValueError(f"targets: expected one of {self.TARGETS}, got {targets!r}")
         self.prompt_style, self.targets = prompt_style, targets
         default = 64 if prompt_style == "compact" else 1024
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens <= 0):
+            # refused, not coerced: 0 used to mean the default, True meant 1 and '64' meant 64
+            raise ValueError(f"max_new_tokens: expected a positive integer or None, got {max_new_tokens!r}")
         self.max_new_tokens = int(max_new_tokens or default)
-        if self.max_new_tokens <= 0:
-            raise ValueError("max_new_tokens: must be positive")
         # stopping at the first closed answer keeps generation short; the reward still reads
         # the last answer block of whatever it is given
         self.stop_strings: tuple[str, ...] = ("</answer>",)
