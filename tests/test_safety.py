@@ -484,3 +484,34 @@ def test_item7_sys_exit_and_a_dead_kernel_are_failures_with_the_cell_and_no_tcp_
     assert dies.status == "FAILED" and "code cell 3" in dies.error and "DeadKernelError" in dies.error
     captured = capfd.readouterr()
     assert "TCP" not in captured.out + captured.err
+
+
+# ---------------------------------------------------------------- 8. the README's snippets
+
+
+def _readme_blocks():
+    import re
+
+    from esnb import REPO_ROOT
+
+    text = (REPO_ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+
+
+def test_item8_rosenbrock_snippet_prints_what_its_comment_says(capsys):
+    block = next(b for b in _readme_blocks() if "rosenbrock" in b)
+    expected = [ln[2:].split(":")[0] for ln in block.splitlines() if ln.startswith("# value")]
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert expected and printed == expected[0]
+
+
+def test_item8_finetune_snippet_runs_on_its_own_and_prints_its_result(capsys):
+    block = next(b for b in _readme_blocks() if "FinetuneConfig" in b)
+    assert "import esnb" in block
+    # the same code at a test's size: 1 iteration, 4 members, 4 prompts, 4 held-out puzzles
+    small = (block.replace("iterations=10", "iterations=1").replace("population_size=32", "population_size=4")
+             .replace("batch_size=16", "batch_size=4").replace("test[:100]", "test[:4]"))
+    assert small.count("iterations=1") == 1 and "test[:4]" in small
+    exec(compile(small, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("FinetuneResult(1 iterations, held-out accuracy")
