@@ -43,11 +43,14 @@ def use_population(choice: bool | str, model: Any, es: Any) -> bool:
         raise ValueError(f"population_batch must be True, False or 'auto', got {choice!r}")
     if choice is False:
         return False
-    possible = type(es) is ES and _fast_llama_ok(model)
+    # Paper precision perturbs and restores the model in place in its dtype, and the drift those
+    # round trips leave is part of the paper's algorithm (and of the seed-log replay); a batched
+    # population never touches the model, so it would silently run a different algorithm.
+    possible = type(es) is ES and _fast_llama_ok(model) and es.config.precision != "paper"
     if choice is True:
         if not possible:
-            raise ValueError("population_batch=True needs full-rank ES (esnb.es.ES) and a model the lean decoder "
-                             "covers (Llama, Qwen2); use 'auto' or False")
+            raise ValueError("population_batch=True needs full-rank ES (esnb.es.ES) with precision='master' and a "
+                             "model the lean decoder covers (Llama, Qwen2); use 'auto' or False")
         return True
     return possible and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
 

@@ -141,6 +141,22 @@ def test_fidelity_paper_is_one_switch_and_each_piece_stays_settable():
 # ---------------------------------------------------------------- the engine in paper mode
 
 
+class _Varied:
+    """Reward = share of distinct characters among 8 generated ones: every member of a random
+    micro model scores differently, so updates are never skipped by an all-tie population."""
+
+    name = "varied"
+    max_new_tokens = 8
+    stop_strings = ("9",)
+
+    def prompt(self, item, tokenizer=None):
+        return item["p"]
+
+    def score(self, completion, item):
+        r = len(set(completion)) / 8
+        return {"reward": r, "correct": r >= 0.5}
+
+
 class _Digits:
     """Reward = fraction of digits among 8 generated characters (learnable by a micro model)."""
 
@@ -177,11 +193,13 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     cfg = dict(fidelity="paper", population_size=4, sigma=0.05, alpha=0.2, train_size=4, test_size=2,
                eval_every=0, checkpoint_every=1, save_final=False)
     live = _micro(tok)
-    finetune(live, tok, _Digits(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
+    finetune(live, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
              output_dir=tmp_path / "a", progress=False)
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (meta["finetune"]["noise"], meta["finetune"]["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
     assert (meta["config"]["noise"], meta["config"]["precision"]) == ("paper", "paper")  # the seed log's ES config
+    rewards = [json.loads(line)["reward_std"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all(std > 0 for std in rewards)  # every iteration updated (no all-tie population)
     assert not bit_equal(live, _micro(tok))  # it moved
     # the seed log alone rebuilds the weights, perturb/subtract drift included
     rebuilt = _micro(tok)
@@ -189,10 +207,10 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     assert bit_equal(rebuilt, live)
     # a run stopped after 2 iterations and resumed to 3 ends with the same weights
     part = _micro(tok)
-    finetune(part, tok, _Digits(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=2, **cfg),
+    finetune(part, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=2, **cfg),
              output_dir=tmp_path / "b", progress=False)
     resumed = _micro(tok)
-    finetune(resumed, tok, _Digits(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
+    finetune(resumed, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
              output_dir=tmp_path / "b", resume=True, progress=False)
     assert bit_equal(resumed, live)
 
@@ -213,9 +231,44 @@ def test_early_stop_false_generates_without_the_tasks_stop_strings(monkeypatch, 
     for early_stop, expected in ((True, ("9",)), (False, ())):
         seen.clear()
         cfg = FinetuneConfig(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
-                             early_stop=early_stop)
+                             early_stop=early_stop, population_batch=False)  # the per-member path calls generate
         ft.finetune(_micro(tok).float(), tok, _Digits(), _ITEMS[:2], _ITEMS[2:3], cfg, progress=False)
         assert seen and set(seen) == {expected}
+
+
+def test_early_stop_false_reaches_the_population_batched_decoder_too(monkeypatch, one_cpu_thread):
+    import esnb.population as pop
+    from esnb.finetune import finetune
+    from esnb.tinylm import build_tokenizer
+
+    tok = build_tokenizer()
+    seen = []
+    real = pop.score_population
+
+    def spy(es, members, model, tokenizer, task, *args, **kwargs):
+        seen.append(tuple(task.stop_strings))
+        return real(es, members, model, tokenizer, task, *args, **kwargs)
+
+    monkeypatch.setattr(pop, "score_population", spy)
+    for early_stop, expected in ((True, ("9",)), (False, ())):
+        seen.clear()
+        cfg = FinetuneConfig(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
+                             early_stop=early_stop, population_batch=True)
+        finetune(_micro(tok).float(), tok, _Digits(), _ITEMS[:2], _ITEMS[2:3], cfg, progress=False)
+        assert seen and set(seen) == {expected}
+
+
+def test_paper_precision_never_decodes_the_population_batched():
+    from esnb.es import ES, ESConfig
+    from esnb.population import use_population
+    from esnb.tinylm import build_tokenizer
+
+    model = _micro(build_tokenizer())
+    paper = ES(model, ESConfig(population_size=2, precision="paper"))
+    assert not use_population("auto", model, paper)  # in-place bf16 round trips are the algorithm
+    with pytest.raises(ValueError, match="precision"):
+        use_population(True, model, paper)
+    assert use_population("auto", model, ES(model, ESConfig(population_size=2)))
 
 
 def test_cli_paper_faithful_with_the_papers_data_file(tmp_path, capsys, one_cpu_thread):
