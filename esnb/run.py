@@ -131,9 +131,17 @@ def _describe_failure(exc: BaseException | None, nb_path: Path) -> str:
 def _kernel_config() -> Any:
     """Talk to the kernel over IPC sockets where the system has them: over TCP ipykernel warns on
     every start that the traffic is unencrypted, noise in every clean run's output."""
+    import tempfile
+    import uuid
+
     from traitlets.config import Config
 
-    return Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
+    if os.name != "posix":
+        return Config()
+    # An absolute socket prefix: an IPC "ip" is a file path, and a relative one would be resolved
+    # in the kernel's working folder (the notebook's) by the kernel but in ours by the client.
+    prefix = os.path.join(tempfile.gettempdir(), f"esnb-kernel-{uuid.uuid4().hex[:12]}")
+    return Config({"KernelManager": {"transport": "ipc", "ip": prefix}})
 
 
 def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any], smoke: bool,
@@ -277,7 +285,8 @@ def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False) -> fl
     os.environ["ESNB_SMOKE"] = "1" if smoke else "0"
     start = time.perf_counter()
     try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(),
+                                resources={"metadata": {"path": str(path.parent)}})
         # runs the cells and records which esnb code they imported (python -m esnb execute --stale)
         execute_and_record(client, nb)
     finally:

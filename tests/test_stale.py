@@ -67,7 +67,7 @@ def test_a_notebook_without_a_record_is_listed(tmp_path) -> None:
     assert not item.recorded and "no record" in item.describe()
 
 
-def test_execute_records_what_the_kernel_imported(tmp_path, capsys) -> None:
+def test_execute_records_what_the_kernel_imported(tmp_path, capfd) -> None:
     # A real kernel: the notebook imports esnb.toy (and, through `import esnb`, the eager core) but
     # not esnb.generation, so only the former are recorded; the probe cell leaves no trace.
     nb = nbformat.v4.new_notebook()
@@ -75,6 +75,7 @@ def test_execute_records_what_the_kernel_imported(tmp_path, capsys) -> None:
     path = tmp_path / "01_demo.ipynb"
     nbformat.write(nb, str(path))
     execute_in_place(path, timeout=120)
+    assert "TCP" not in "".join(capfd.readouterr())  # IPC transport: no unencrypted-traffic warning
     done = nbformat.read(str(path), as_version=4)
     assert len(done.cells) == 1 and done.cells[0].outputs[0]["text"] == "hello\n"
     sources = done.metadata["esnb"]["sources"]
@@ -84,7 +85,7 @@ def test_execute_records_what_the_kernel_imported(tmp_path, capsys) -> None:
     assert not provenance.check_notebook(path).stale
     # and the command line agrees
     assert main(["execute", "--stale", str(path)]) == 0
-    assert "match the current esnb code" in capsys.readouterr().out
+    assert "match the current esnb code" in capfd.readouterr().out
 
 
 def test_stale_cli_lists_a_notebook_without_record(tmp_path, capsys) -> None:
