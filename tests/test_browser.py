@@ -209,9 +209,10 @@ def _panels(driver):
 
 
 def _images(panel) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [img.get_attribute("src") for img in panel.find_elements(By.CSS_SELECTOR, ".widget-output img")]
+    # One script reads every src at once: the Output widget replaces its <img> elements while it
+    # redraws, and an element found in one WebDriver call can be gone by the next (stale reference).
+    return panel.parent.execute_script(
+        "return [...arguments[0].querySelectorAll('.widget-output img')].map(img => img.getAttribute('src'));", panel)
 
 
 def _blank(src: str) -> bool:
