@@ -1,7 +1,7 @@
 """Pieces for the experiments the paper's reviewers asked for (notebook 11).
 
 * :func:`mezo_finetune_config`: zeroth-order SGD (MeZO / SPSA) as a :class:`~esnb.finetune.FinetuneConfig`
-  (one antithetic pair, raw fitness, ``alpha = lr / sigma``; see :func:`esnb.es.mezo_config`);
+  (one antithetic pair, raw fitness, ``alpha = lr / sigma``; see :func:`esnb.zeroth_order.mezo_config`);
 * :func:`iterations_for_budget`: how many iterations a run of ``N`` members x ``B`` prompts gets
   out of a fixed number of scored completions;
 * :class:`FreshPuzzles`: a ``population_evaluator`` for :func:`esnb.finetune.finetune` that scores
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .es import ES, ESConfig, mezo_config
+from .es import ES, ESConfig
+from .zeroth_order import mezo_config
 
 __all__ = ["mezo_finetune_config", "iterations_for_budget", "fresh_puzzles", "FreshPuzzles", "outcomes",
            "weight_drift", "pair_differences", "pair_snr", "fresh_run"]
@@ -31,7 +32,7 @@ __all__ = ["mezo_finetune_config", "iterations_for_budget", "fresh_puzzles", "Fr
 
 def mezo_finetune_config(lr: float, sigma: float, pairs: int = 1, **kwargs: Any):
     """A :class:`esnb.finetune.FinetuneConfig` that runs MeZO: ``pairs`` antithetic pairs, raw
-    fitness, ``alpha = lr / sigma`` (:func:`esnb.es.mezo_config`); ``kwargs``: the other fields
+    fitness, ``alpha = lr / sigma`` (:func:`esnb.zeroth_order.mezo_config`); ``kwargs``: the other fields
     (``iterations``, ``batch_size``, ``seed``, ...)."""
     from .finetune import FinetuneConfig
 

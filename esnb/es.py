@@ -164,30 +164,6 @@ def shape_fitness(rewards: torch.Tensor, method: str) -> torch.Tensor:
     raise ValueError(f"shaping must be one of {SHAPINGS}, got {method!r}")
 
 
-def mezo_config(lr: float, sigma: float, pairs: int = 1, **kwargs) -> ESConfig:
-    """Zeroth-order SGD (SPSA; MeZO, Malladi et al. 2023, arXiv 2305.17333) as an :class:`ESConfig`.
-
-    MeZO's step, written for a reward ``R`` to maximise (MeZO descends a loss ``L = -R``)::
-
-        theta <- theta + lr * (R(theta + sigma eps) - R(theta - sigma eps)) / (2 sigma) * eps
-
-    with ``eps`` regenerated from its seed (no stored noise). ES with one antithetic pair and raw
-    fitness steps ``alpha * (1/2) * (R+ eps + R- (-eps)) = alpha * (R+ - R-) / 2 * eps``: the same
-    step when ``alpha = lr / sigma``. ``pairs > 1`` averages the projected gradients of that many
-    pairs (MeZO's ``n``). Other ``ESConfig`` fields (``seed``, ``noise``, ...) pass through
-    ``kwargs``. With ``shaping="zscore"`` instead of ``"raw"`` the two rewards of a pair become
-    +1 and -1, so the step keeps only the sign of ``R+ - R-`` (and is zero on a tie).
-    """
-    if isinstance(pairs, bool) or not isinstance(pairs, Integral) or pairs < 1:
-        raise ValueError(f"pairs must be an integer >= 1, got {pairs!r}")
-    lr, sigma = _check_real("lr", lr, nonnegative=True), _check_real("sigma", sigma, positive=True)
-    for name in ("population_size", "antithetic", "shaping", "alpha"):
-        if name in kwargs:
-            raise ValueError(f"{name}: fixed by mezo_config (N = 2 * pairs, antithetic, raw, alpha = lr / sigma)")
-    return ESConfig(population_size=2 * int(pairs), sigma=sigma, alpha=lr / sigma, antithetic=True,
-                    shaping="raw", **kwargs)
-
-
 # ---------------------------------------------------------------- optimizers
 
 class SGD:

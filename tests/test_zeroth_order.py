@@ -1,4 +1,4 @@
-"""MeZO / SPSA is ES with one antithetic pair and raw fitness (esnb.es.mezo_config), checked
+"""MeZO / SPSA is ES with one antithetic pair and raw fitness (esnb.zeroth_order.mezo_config), checked
 against a few-line independent implementation (notebook 11)."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from esnb.ablation import mezo_finetune_config
-from esnb.es import ES, ESConfig, iteration_seeds, mezo_config
+from esnb.es import ES, ESConfig, iteration_seeds
+from esnb.zeroth_order import mezo_config
 from esnb.noise import noise_like
 
 
