@@ -34,6 +34,9 @@ def exercise_2() -> None:
     assert abs(stats.binomial_se(0.25, 4 * 512) - se512 / 2) < 1e-12
     n = math.ceil(0.25 * 0.75 / 0.01**2)
     assert n == 1875 and stats.binomial_se(0.25, n) <= 0.01
+    # p (1 - p) grows towards p = 0.5: the SE at a starting accuracy near 0.1 understates the
+    # noise of an evaluation at the compared accuracy near 0.25 by about a third
+    assert stats.binomial_se(0.1, 512) < 0.7 * se512
     print(f"exercise 2: 512 puzzles -> SE {se512:.4f}; 2,048 -> {se512 / 2:.4f}; SE 0.01 needs {n:,} puzzles")
 
 
@@ -55,6 +58,33 @@ def exercise_3() -> None:
     print(f"exercise 3: paired widths {', '.join(f'{k}: {v:.3f}' for k, v in widths.items())}; unpaired {unpaired:.3f}")
 
 
+def budget_ways(total: int, fixed: int) -> list[tuple[int, int]]:
+    """Every (updates, prompts per update) with updates * prompts * fixed == total."""
+    per = total // fixed
+    assert per * fixed == total, "the budget must be a multiple of the fixed factor"
+    return [(per // p, p) for p in range(per, 0, -1) if per % p == 0]
+
+
+def exercise_4() -> None:
+    # ES: an iteration costs N x batch samples (N = 32, even for mirrored pairs);
+    # GRPO: a step costs prompts x G samples (G = 8)
+    budget, n_es, g = 4096, 32, 8
+    es_ways, grpo_ways = budget_ways(budget, n_es), budget_ways(budget, g)
+    # 16 prompts per update for both, as in the notebook
+    es_iters = dict((p, u) for u, p in es_ways)[16]
+    grpo_steps = dict((p, u) for u, p in grpo_ways)[16]
+    assert (es_iters, grpo_steps) == (8, 32)
+    assert es_iters * n_es * 16 == grpo_steps * 16 * g == budget
+    # GRPO with G = 8 and at least 8 steps: steps x prompts = 512
+    at_least_8 = [(u, p) for u, p in grpo_ways if u >= 8]
+    assert at_least_8 == [(8, 64), (16, 32), (32, 16), (64, 8), (128, 4), (256, 2), (512, 1)]
+    # the old comparison: ES 8 x 32 x 16 against GRPO 60 x 8 x 8
+    old_gap = 8 * 32 * 16 - 60 * 8 * 8
+    assert old_gap == 256  # ES had 6.25% more samples
+    print(f"exercise 4: ES {es_iters} updates, GRPO {grpo_steps} updates at {budget:,} samples; "
+          f"GRPO ways with >= 8 steps: {at_least_8}; the old budgets differed by {old_gap} samples")
+
+
 if __name__ == "__main__":
-    for fn in (exercise_1, exercise_2, exercise_3):
+    for fn in (exercise_1, exercise_2, exercise_3, exercise_4):
         fn()
