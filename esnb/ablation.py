@@ -111,9 +111,9 @@ def outcomes(model, tokenizer, task, items: Sequence[dict], batch_size: int = 25
     texts = [c if isinstance(c, str) else "" for c in s["completion"]]
     correct = s["correct"].astype(bool).to_numpy()
     ignoring = np.array([cd.answer_ignoring_format(c, x["numbers"], x["target"]) > 0 for c, x in zip(texts, items)])
-    tagged = np.array(["<answer>" in c for c in texts])
-    return {"accuracy": float(correct.mean()), "accuracy ignoring format": float(ignoring.mean()),
-            "answers in tags": float(tagged.mean()), "reward": float(ev["mean_reward"]),
+    # the shares come from format_breakdown, so "answers in tags" means one thing everywhere
+    # (a closed <answer>...</answer> block), here and in fresh_run's format rows
+    return {**cd.format_breakdown(texts, items), "reward": float(ev["mean_reward"]),
             "correct": correct, "correct ignoring format": ignoring, "samples": s}
 
 

@@ -12,8 +12,8 @@ import torch
 
 from esnb.analysis import es_step_norm
 from esnb.es import ES, ESConfig, iteration_seeds
-from esnb.zeroth_order import mezo_config
 from esnb.noise import noise_like
+from esnb.zeroth_order import mezo_config
 
 
 def reward(theta: torch.Tensor) -> float:

@@ -141,22 +141,6 @@ def test_fidelity_paper_is_one_switch_and_each_piece_stays_settable():
 # ---------------------------------------------------------------- the engine in paper mode
 
 
-class _Varied:
-    """Reward = share of distinct characters among 8 generated ones: every member of a random
-    micro model scores differently, so updates are never skipped by an all-tie population."""
-
-    name = "varied"
-    max_new_tokens = 8
-    stop_strings = ("9",)
-
-    def prompt(self, item, tokenizer=None):
-        return item["p"]
-
-    def score(self, completion, item):
-        r = len(set(completion)) / 8
-        return {"reward": r, "correct": r >= 0.5}
-
-
 class _Digits:
     """Reward = fraction of digits among 8 generated characters (learnable by a micro model)."""
 
@@ -169,6 +153,17 @@ class _Digits:
 
     def score(self, completion, item):
         r = sum(ch.isdigit() for ch in completion) / 8
+        return {"reward": r, "correct": r >= 0.5}
+
+
+class _Varied(_Digits):
+    """Reward = share of distinct characters among 8 generated ones: every member of a random
+    micro model scores differently, so updates are never skipped by an all-tie population."""
+
+    name = "varied"
+
+    def score(self, completion, item):
+        r = len(set(completion)) / 8
         return {"reward": r, "correct": r >= 0.5}
 
 
