@@ -80,20 +80,22 @@ def main(argv=None) -> int:
         mod.generate(model, tok, prompts, **kw)
         return (time.perf_counter() - t0) / n_tokens * len(prompts)
 
+    def abba(time_old, time_new) -> tuple[float, float]:
+        """Old, new, new, old: a drift in the machine's speed during a repetition cancels in the
+        ratio (on a shared VM, the same code timed twice in a row differs by up to 10%)."""
+        a, b = time_old(), time_new()
+        b, a = b + time_new(), a + time_old()
+        return a / 2, b / 2
+
     step_old, step_new, loop_old, loop_new = [], [], [], []
     for r in range(args.repeats):
-        # old, new, new, old: a drift in the machine's speed during a repetition cancels in the
-        # ratio (on a shared VM, the same code timed twice in a row differs by up to 10%)
-        a = time_steps(old._LeanLlama, model, ids, mask, args.steps)
-        b = time_steps(new._LeanLlama, model, ids, mask, args.steps)
-        b += time_steps(new._LeanLlama, model, ids, mask, args.steps)
-        a += time_steps(old._LeanLlama, model, ids, mask, args.steps)
-        step_old.append(a / 2)
-        step_new.append(b / 2)
-        a, b = time_loop(old), time_loop(new)
-        b, a = b + time_loop(new), a + time_loop(old)
-        loop_old.append(a / 2)
-        loop_new.append(b / 2)
+        a, b = abba(lambda: time_steps(old._LeanLlama, model, ids, mask, args.steps),
+                    lambda: time_steps(new._LeanLlama, model, ids, mask, args.steps))
+        step_old.append(a)
+        step_new.append(b)
+        a, b = abba(lambda: time_loop(old), lambda: time_loop(new))
+        loop_old.append(a)
+        loop_new.append(b)
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
 
     def ratio(a, b):
