@@ -8,14 +8,18 @@ The ES core is imported eagerly (it needs only torch). The modules that pull in 
 """
 import importlib
 
-from ._env import DATA_DIR, NOTEBOOKS_DIR, REPO_ROOT, record, smoke_mode
+from . import _trace
+
+_trace.start_from_env()  # before the other modules load: provenance records what runs (ESNB_TRACE_DIR)
+
+from ._env import DATA_DIR, NOTEBOOKS_DIR, REPO_ROOT, ClaimFailed, claim, record, report, smoke_mode  # noqa: E402
 from .es import ES, ESConfig, Member, centered_ranks, es_gradient, shape_fitness, zscore
 from .landscapes import LANDSCAPES, get_landscape
 from .noise import ParameterSet, perturbed
 from .runlog import RunLog, load_checkpoint, replay, save_checkpoint
 
 __all__ = [
-    "DATA_DIR", "NOTEBOOKS_DIR", "REPO_ROOT", "record", "smoke_mode",
+    "DATA_DIR", "NOTEBOOKS_DIR", "REPO_ROOT", "ClaimFailed", "claim", "record", "report", "smoke_mode",
     "ES", "ESConfig", "Member", "centered_ranks", "es_gradient", "shape_fitness", "zscore",
     "LANDSCAPES", "get_landscape",
     "ParameterSet", "perturbed",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_records
+from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_payloads, read_records
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -144,6 +144,19 @@ def _kernel_config() -> Any:
     return Config({"KernelManager": {"transport": "ipc", "ip": prefix}})
 
 
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def run_environment(smoke: bool) -> dict[str, str]:
+    """The environment a notebook runs in, whoever starts it: smoke mode as asked, and offline
+    (the course's default; a caller who set ``HF_HUB_OFFLINE=0`` to reach the hub keeps it), so
+    that a reader's run and the committed one see the same models."""
+    env = {"ESNB_SMOKE": "1" if smoke else "0"}
+    for var in OFFLINE_VARS:
+        env[var] = os.environ.get(var, "1")
+    return env
+
+
 def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any], smoke: bool,
               kernel: str = "python3", progress: bool = True) -> list[Outcome]:
     """Execute each notebook with papermill into ``output``; a failure does not stop the rest."""
@@ -161,9 +174,7 @@ def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any
             params["smoke"] = True
         out_path = output / path.name
         start = time.perf_counter()
-        env_before = os.environ.get("ESNB_SMOKE")
-        if smoke:
-            os.environ["ESNB_SMOKE"] = "1"
+        before = _set_env(run_environment(smoke))
         try:
             pm.execute_notebook(str(path), str(out_path), parameters=params, kernel_name=kernel,
                                 cwd=str(path.parent), progress_bar=False, log_output=False,
@@ -175,11 +186,7 @@ def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any
         except Exception as exc:  # noqa: BLE001 - any failure is reported and the suite goes on
             status, error = "FAILED", _describe_failure(exc, out_path)
         finally:
-            if smoke:
-                if env_before is None:
-                    os.environ.pop("ESNB_SMOKE", None)
-                else:
-                    os.environ["ESNB_SMOKE"] = env_before
+            _set_env(before)
         seconds = time.perf_counter() - start
         records = {}
         if out_path.exists():
@@ -273,36 +280,161 @@ def clean_notebook(nb: Any) -> None:
         cell.outputs = kept
 
 
-def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False) -> float:
-    """Run a notebook top to bottom in its folder, clean it and write it back; returns seconds."""
+def _set_env(values: dict[str, str | None]) -> dict[str, str | None]:
+    """Set (or, for None, remove) environment variables; returns their previous values."""
+    before = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    return before
+
+
+def execute_traced(nb: Any, folder: Path, smoke: bool, timeout: int = 3600) -> tuple[float, dict]:
+    """Run ``nb`` (an nbformat notebook, in place) top to bottom in ``folder`` with provenance
+    tracing on; returns (seconds, the merged trace of the kernel and every process it started).
+
+    A last cell, removed again afterwards, has the kernel write its trace; other processes
+    (torchrun workers, probes) write theirs when they exit."""
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
 
-    from .provenance import execute_and_record
+    from . import _trace
+    from .provenance import merge_traces
+
+    with tempfile.TemporaryDirectory(prefix="esnb-trace-") as trace_dir:
+        probe = nbformat.v4.new_code_cell("import esnb._trace\nesnb._trace.dump();")
+        nb.cells.append(probe)
+        before = _set_env({**run_environment(smoke), _trace.ENV_VAR: trace_dir})
+        start = time.perf_counter()
+        try:
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(),
+                                    resources={"metadata": {"path": str(folder)}})
+            client.execute()
+        finally:
+            _set_env(before)
+            nb.cells[:] = [c for c in nb.cells if c is not probe]
+        seconds = time.perf_counter() - start
+        return seconds, merge_traces(Path(trace_dir))
+
+
+def smoke_record(path: Path, timeout: int = 3600) -> tuple[dict, float]:
+    """Run a notebook's smoke version (on a copy: the file is not touched) and return its
+    provenance record with its comparable records (``"records"``), and the seconds it took."""
+    import nbformat
+
+    from .provenance import build_record, code_cell_sources, comparable_records
+
+    copy = nbformat.read(str(path), as_version=4)
+    seconds, trace = execute_traced(copy, path.parent, smoke=True, timeout=timeout)
+    rec = build_record(trace, code_cell_sources(copy), mode="smoke")
+    rec.pop("cells")
+    rec["records"] = comparable_records(read_payloads(json.loads(nbformat.writes(copy))))
+    return rec, seconds
+
+
+def execute_in_place(path: Path, timeout: int = 3600, smoke: bool = False, with_smoke_record: bool = True) -> float:
+    """Run a notebook top to bottom in its folder, clean it, store its provenance and write it back.
+
+    A full run is followed by a smoke run of a copy, whose record and records are stored too
+    (``--verify`` compares later smoke runs with them). Returns the seconds of the main run."""
+    import nbformat
+
+    from .provenance import build_record, code_cell_sources
 
     nb = nbformat.read(str(path), as_version=4)
-    env_before = os.environ.get("ESNB_SMOKE")
-    os.environ["ESNB_SMOKE"] = "1" if smoke else "0"
-    start = time.perf_counter()
-    try:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(),
-                                resources={"metadata": {"path": str(path.parent)}})
-        # runs the cells and records which esnb code they imported (python -m esnb execute --stale)
-        execute_and_record(client, nb)
-    finally:
-        if env_before is None:
-            os.environ.pop("ESNB_SMOKE", None)
-        else:
-            os.environ["ESNB_SMOKE"] = env_before
-    seconds = time.perf_counter() - start
+    seconds, trace = execute_traced(nb, path.parent, smoke=smoke, timeout=timeout)
     clean_notebook(nb)
-    tmp = path.with_suffix(".ipynb.tmp")
-    nbformat.write(nb, str(tmp))
-    os.replace(tmp, path)
+    rec = build_record(trace, code_cell_sources(nb), mode="smoke" if smoke else "full")
+    if not smoke and with_smoke_record:
+        rec["smoke"], _ = smoke_record(path, timeout)
+    meta = nb.metadata.setdefault("esnb", {})
+    meta.pop("sources", None)  # the record before provenance format 2
+    meta["provenance"] = rec
+    _write_notebook(nb, path)
     return seconds
 
 
+def _write_notebook(nb: Any, path: Path) -> None:
+    import nbformat
+
+    tmp = path.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Verification:
+    notebook: str
+    verdict: str          # "current", "verified", "needs a full run"
+    lines: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        head = f"{self.notebook}: {self.verdict}"
+        return "\n".join([head, *("    " + ln for ln in self.lines)])
+
+
+def verify_notebook(path: Path, timeout: int = 3600) -> Verification:
+    """Verify a stale notebook by its smoke version instead of re-running it in full.
+
+    Its smoke run must use every changed unit and file (else only a full run can tell) and give
+    the same records and claims as the smoke run stored at its last full execution; then the
+    provenance is re-stamped as verified by smoke (outputs untouched). Otherwise says why not."""
+    import nbformat
+
+    from .provenance import check_notebook, record_differences, restamp, uncovered_changes
+
+    status = check_notebook(path)
+    name = path.name
+    if not status.stale:
+        return Verification(name, "current")
+    if not status.recorded or status.smoke_only:
+        return Verification(name, "needs a full run", [status.describe()])
+    nb = nbformat.read(str(path), as_version=4)
+    rec = nb.metadata["esnb"]["provenance"]
+    if "smoke" not in rec:
+        return Verification(name, "needs a full run", ["no smoke record was stored at its last full run"])
+    if status.cells_changed:
+        return Verification(name, "needs a full run", ["its own code cells changed: " + "; ".join(status.changed)])
+    uncovered = uncovered_changes(rec, status)
+    if uncovered:
+        return Verification(name, "needs a full run",
+                            [f"{u}: changed, and only the full version uses it" for u in uncovered])
+    new_smoke, seconds = smoke_record(path, timeout)
+    diffs = record_differences(rec["smoke"]["records"], new_smoke["records"])
+    if diffs:
+        return Verification(name, "needs a full run",
+                            [f"the smoke run's records moved ({seconds:.0f} s):", *("  " + d for d in diffs)])
+    nb.metadata["esnb"]["provenance"] = restamp(rec, new_smoke, status)
+    _write_notebook(nb, path)
+    return Verification(name, "verified", [f"smoke run in {seconds:.0f} s gave the same "
+                                           f"{len(new_smoke['records'])} records and claims after: "
+                                           + "; ".join(status.changed)])
+
+
 # ---------------------------------------------------------------- command line
+
+LOCK_NAME = "esnb-execute.lock"
+
+
+def machine_lock() -> Any:
+    """Hold the machine-wide lock of notebook runs: two runs at once on a small machine make every
+    timing in both wrong (a run logged 18x slower that way), so the second one waits."""
+    import tempfile
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(os.path.join(tempfile.gettempdir(), LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print("another notebook run (python -m esnb run / execute) is going on this machine: waiting for it to "
+              "finish, since two at once make every timing wrong", file=sys.stderr, flush=True)
+        lock.acquire()
+    return lock
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
@@ -320,7 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex = sub.add_parser("execute", help="execute notebooks in place and strip run noise (for committing)")
     ex.add_argument("paths", nargs="*", type=Path)
     ex.add_argument("--stale", action="store_true",
-                    help="execute nothing: list the notebooks (default all) whose outputs were made with older esnb code")
+                    help="execute nothing: list the notebooks (default all) whose outputs depend on code, files or "
+                         "versions that changed since, and what changed")
+    ex.add_argument("--verify", action="store_true",
+                    help="re-run the stale notebooks among PATHS (default all) in smoke mode; where the changes are "
+                         "all used by the smoke run and its records are unchanged, mark them verified by smoke")
     ex.add_argument("--smoke", action="store_true", help="execute in smoke mode (default: full)")
     ex.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
 
@@ -331,16 +467,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main()
-    if args.command == "execute" and args.stale:
-        from .provenance import stale_notebooks
+    if args.command == "execute" and (args.stale or args.verify):
+        from .provenance import check_notebook
 
         missing = [str(p) for p in args.paths if not p.is_file()]
         if missing:
             parser.error(f"no such notebook: {', '.join(missing)}")
-        stale = stale_notebooks(args.paths or find_notebooks())
-        for item in stale:
-            print(item.describe())
-        print(f"{len(stale)} notebook(s) stale" if stale else "every notebook's outputs match the current esnb code")
+        if args.stale and args.verify:
+            parser.error("--stale lists, --verify acts: give one of them")
+        paths = args.paths or find_notebooks()
+        if args.verify:
+            with machine_lock():
+                results = [verify_notebook(p, timeout=args.timeout) for p in paths]
+            for r in results:
+                print(r.describe(), flush=True)
+            left = [r.notebook for r in results if r.verdict == "needs a full run"]
+            print(f"{len(left)} notebook(s) need a full run: {', '.join(left)}" if left
+                  else "every notebook is current or verified by smoke")
+            return 1 if left else 0
+        statuses = [check_notebook(p) for p in paths]
+        stale = [s for s in statuses if s.stale]
+        for item in statuses:
+            if item.stale or item.verified:
+                print(item.describe())
+        print(f"{len(stale)} notebook(s) stale" if stale else "no notebook is stale: every one's outputs match the "
+              "code, files and versions it depends on")
         return 0
     if args.command == "execute":
         if not args.paths:
@@ -348,8 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in args.paths:
             if not path.exists():
                 parser.error(f"no such notebook: {path}")
-            seconds = execute_in_place(path, timeout=args.timeout, smoke=args.smoke)
-            print(f"{path.name}: executed in {seconds:.1f} s")
+        with machine_lock():
+            for path in args.paths:
+                seconds = execute_in_place(path, timeout=args.timeout, smoke=args.smoke)
+                print(f"{path.name}: executed in {seconds:.1f} s ({'smoke' if args.smoke else 'full'}; "
+                      f"provenance{'' if args.smoke else ' and smoke record'} stored)", flush=True)
         return 0
 
     try:
@@ -373,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
     if output.exists() and not output.is_dir():
         parser.error(f"--output: {output} is a file, not a folder")
-    outcomes = run_suite(notebooks, output, params, smoke=args.smoke, kernel=args.kernel)
+    with machine_lock():
+        outcomes = run_suite(notebooks, output, params, smoke=args.smoke, kernel=args.kernel)
     print()
     print(summary_table(outcomes, smoke=args.smoke))
     failed = [o for o in outcomes if o.status != "ok"]
