@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_payloads, read_records
+from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_claims, read_payloads, read_records
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -61,11 +62,60 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def declared_parameters(path: Path) -> dict[str, Any]:
-    """The names in a notebook's ``parameters`` cell (papermill's own inspection)."""
-    import papermill as pm
+class _NoDefault:
+    """A parameter whose default is not a literal: any value is accepted."""
 
-    return pm.inspect_notebook(str(path))
+    def __repr__(self) -> str:
+        return "<not a literal>"
+
+
+NO_DEFAULT = _NoDefault()
+
+
+def declared_parameters(path: Path) -> dict[str, Any]:
+    """``{name: default}`` of a notebook's ``parameters`` cell (read from the file: no kernel,
+    no papermill, so that a bad ``-p`` is answered at once)."""
+    nb = json.loads(Path(path).read_text())
+    found: dict[str, Any] = {}
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        for stmt in ast.parse(source).body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else \
+                [stmt.target] if isinstance(stmt, ast.AnnAssign) and stmt.value is not None else []
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    try:
+                        found[t.id] = ast.literal_eval(stmt.value)
+                    except ValueError:
+                        found[t.id] = NO_DEFAULT
+    return found
+
+
+_KINDS = [(bool, "True or False"), (int, "an integer"), (float, "a number"), (str, "a string"),
+          (list, "a list"), (tuple, "a tuple"), (dict, "a dict")]
+
+
+def parameter_error(name: str, value: Any, default: Any, text: str) -> str | None:
+    """Why ``value`` (parsed from ``text``) cannot replace a parameter whose default is ``default``,
+    or None when it can. A None default, or one that is not a literal, accepts anything."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{text!r} is not a finite number"
+    if default is None or default is NO_DEFAULT:
+        return None
+    for kind, words in _KINDS:
+        if isinstance(default, kind):
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind in (list, tuple):
+                ok = isinstance(value, (list, tuple))
+            if ok:
+                return None
+            hint = " (not a Python literal)" if isinstance(value, str) and kind is not str else ""
+            return f"expects {words} (its default is {default!r}), got {text!r}{hint}"
+    return None
 
 
 @dataclass
@@ -75,6 +125,14 @@ class Outcome:
     seconds: float
     records: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    claims: list[dict] = field(default_factory=list)
+
+    @property
+    def claims_held(self) -> str:
+        """``"12 of 12 hold"``, or ``""`` when the notebook states none."""
+        if not self.claims:
+            return ""
+        return f"{sum(bool(c.get('holds')) for c in self.claims)} of {len(self.claims)} hold"
 
 
 def _code_cells(nb: dict) -> list[dict]:
@@ -188,13 +246,14 @@ def run_suite(notebooks: Sequence[Path], output: Path, parameters: dict[str, Any
         finally:
             _set_env(before)
         seconds = time.perf_counter() - start
-        records = {}
+        records, claims = {}, []
         if out_path.exists():
             try:
-                records = read_records(json.loads(out_path.read_text()))
+                executed = json.loads(out_path.read_text())
+                records, claims = read_records(executed), read_claims(executed)
             except (OSError, ValueError, KeyError):
                 pass
-        outcomes.append(Outcome(path.name, status, seconds, records, error))
+        outcomes.append(Outcome(path.name, status, seconds, records, error, claims))
         if status != "ok":
             tqdm.write(f"{path.name} failed at {error}")
     return outcomes
@@ -206,30 +265,36 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_table(outcomes: Sequence[Outcome], smoke: bool = False, width: int = 100) -> str:
-    """A plain-text table: notebook, status, seconds, headline numbers (wrapped at ``width``
+def summary_table(outcomes: Sequence[Outcome], smoke: bool = False, width: int = 100, numbers: bool = False) -> str:
+    """A plain-text table of one line per notebook: status, seconds, how many of its claims hold
+    and, if it failed, where. ``numbers``: add the headline numbers (wrapped at ``width``
     characters, between numbers). ``smoke``: say so on top, so quick-run numbers are not
     mistaken for the course's results."""
-    rows = [("notebook", "status", "seconds", "headline numbers")]
+    rows = [("notebook", "status", "seconds", "claims", "headline numbers" if numbers else "")]
     for o in outcomes:
-        items = [f"{k}={_fmt(v)}" for k, v in o.records.items()]
+        items = [f"{k}={_fmt(v)}" for k, v in o.records.items()] if numbers else []
         if o.error:
             items.insert(0, o.error + (";" if items else ""))
-        rows.append((o.notebook, o.status, f"{o.seconds:.1f}", items))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    indent = sum(widths) + 2 * 3
+        rows.append((o.notebook, o.status, f"{o.seconds:.1f}", o.claims_held or "-", items))
+    return _table(rows, smoke, width)
+
+
+def _table(rows: list, smoke: bool, width: int) -> str:
+    ncol = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(ncol)]
+    indent = sum(widths) + 2 * ncol
     room = max(30, width - indent)
     lines = []
     if smoke:
         lines.append("SMOKE RUN: quick CI-sized versions; their numbers are not the course's results")
     for i, r in enumerate(rows):
-        head = "  ".join(r[j].ljust(widths[j]) for j in range(3)) + "  "
+        head = "  ".join(r[j].ljust(widths[j]) for j in range(ncol)) + "  "
         if i == 0:
-            lines.append(head + r[3])
-            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 16)
+            lines.append((head + r[ncol]).rstrip())
+            lines.append(("  ".join("-" * w for w in widths) + "  " + ("-" * 16 if r[ncol] else "")).rstrip())
             continue
         chunks, current = [], ""
-        for item in r[3]:
+        for item in r[ncol]:
             piece = item if not current else (current + (" " if current.endswith(";") else ", ") + item)
             if current and len(piece) > room:
                 chunks.append(current + ("" if current.endswith(";") else ","))
@@ -422,19 +487,61 @@ LOCK_NAME = "esnb-execute.lock"
 
 def machine_lock() -> Any:
     """Hold the machine-wide lock of notebook runs: two runs at once on a small machine make every
-    timing in both wrong (a run logged 18x slower that way), so the second one waits."""
+    timing in both wrong (a run logged 18x slower that way), so the second one waits, in turn
+    with anyone who took the same lock with ``flock /tmp/esnb-execute.lock <command>``. A run
+    started by the lock's holder (``flock ... pytest`` calling the runner) goes ahead."""
+    import contextlib
     import tempfile
 
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(os.path.join(tempfile.gettempdir(), LOCK_NAME))
+    path = os.environ.get("ESNB_LOCK_FILE") or os.path.join(tempfile.gettempdir(), LOCK_NAME)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print("another notebook run (python -m esnb run / execute) is going on this machine: waiting for it to "
-              "finish, since two at once make every timing wrong", file=sys.stderr, flush=True)
-        lock.acquire()
-    return lock
+        import fcntl
+    except ImportError:  # not a Unix: a polling lock does the same job
+        from filelock import FileLock
+
+        return FileLock(path)
+    fh = open(path, "a")
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if _held_by_an_ancestor(path):
+                    yield
+                    return
+                print("another notebook run (python -m esnb run / execute, or a command under flock "
+                      f"{path}) is going on this machine: waiting for it to finish, since two at once make "
+                      "every timing wrong", file=sys.stderr, flush=True)
+                fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: the kernel queues the waiters in turn
+            yield
+        finally:
+            fh.close()
+
+    return held()
+
+
+def _held_by_an_ancestor(path: str) -> bool:
+    """Whether the flock on ``path`` is held by this process's parent, grandparent, ... (Linux)."""
+    try:
+        inode = os.stat(path).st_ino
+        holders = set()
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields or len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            if int(fields[5].rsplit(":", 1)[1]) == inode:
+                holders.add(int(fields[4]))
+        pid = os.getpid()
+        while pid > 1:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if pid in holders:
+                return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
@@ -446,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--output", type=Path, default=None, help="folder for executed notebooks (default runs/<time>)")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="set a notebook parameter, e.g. -p seed 1 (only notebooks that declare it get it)")
+    run.add_argument("--numbers", action="store_true",
+                     help="also print each notebook's headline numbers (they are always written to DIR/summary.json)")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
     run.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
 
@@ -513,15 +622,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not notebooks:
         parser.error(f"no notebooks found in {args.notebooks}")
     params = {}
-    for name, value in args.parameter:
+    declared = {nb: declared_parameters(nb) for nb in notebooks}
+    for name, text in args.parameter:
         try:
-            params[name] = parse_value(value)
+            params[name] = parse_value(text)
         except ValueError as exc:
             parser.error(f"-p {name[:40]}: {exc}")
-    declared_anywhere = set()
-    for nb in notebooks:
-        declared_anywhere |= set(declared_parameters(nb))
-    unknown = sorted(set(params) - declared_anywhere)
+        if name == "smoke" and not isinstance(params[name], bool):
+            parser.error(f"-p smoke: takes True or False, got {text!r} (or use --smoke)")
+        for nb, defaults in declared.items():
+            if name in defaults and (why := parameter_error(name, params[name], defaults[name], text)):
+                parser.error(f"-p {name}: notebook {nb.name[:2]} {why}")
+    unknown = sorted(set(params) - {n for d in declared.values() for n in d})
     if unknown:
         parser.error(f"parameter(s) {', '.join(unknown)} not declared by any selected notebook")
     output = args.output or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -529,10 +641,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--output: {output} is a file, not a folder")
     with machine_lock():
         outcomes = run_suite(notebooks, output, params, smoke=args.smoke, kernel=args.kernel)
+    summary = output / "summary.json"
+    summary.write_text(json.dumps({"smoke": args.smoke, "environment": run_environment(args.smoke),
+                                   "notebooks": [asdict(o) for o in outcomes]}, indent=1, default=str))
     print()
-    print(summary_table(outcomes, smoke=args.smoke))
+    print(summary_table(outcomes, smoke=args.smoke, numbers=args.numbers))
     failed = [o for o in outcomes if o.status != "ok"]
     total = sum(o.seconds for o in outcomes)
+    env = run_environment(args.smoke)
     print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} notebooks ran{' (smoke mode)' if args.smoke else ''} "
-          f"in {total:.0f} s; executed copies in {output}")
+          f"in {total:.0f} s, with {', '.join(f'{k}={v}' for k, v in env.items() if k in OFFLINE_VARS)}; "
+          f"executed copies in {output}, headline numbers and claims in {summary}")
     return 1 if failed else 0

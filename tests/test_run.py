@@ -50,7 +50,8 @@ def test_suite_reports_failures_with_the_cell_and_keeps_going(tmp_path):
     assert ok.status == "ok" and ok.records == {"doubled": 42, "smoke_seen": True}
     assert (tmp_path / "out" / "02_works.ipynb").exists()
     table = summary_table(outcomes)
-    assert "FAILED" in table and "doubled=42" in table
+    assert "FAILED" in table and "doubled=42" not in table and len(table.splitlines()) == 4
+    assert "doubled=42" in summary_table(outcomes, numbers=True)
 
 
 def test_cli_exit_status_and_parameter_errors(tmp_path, capsys):
@@ -62,6 +63,60 @@ def test_cli_exit_status_and_parameter_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--notebooks", str(src), "-p", "nonexistent", "1"])
     assert "not declared" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert summary["environment"]["HF_HUB_OFFLINE"] and summary["notebooks"][0]["status"] == "FAILED"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "seed", "[1,"], "-p seed: notebook 01 expects an integer (its default is 0), got '[1,' (not a Python literal)"),
+    (["-p", "seed", "1e999"], "'1e999' is not a finite number"),
+    (["-p", "seed", "True"], "expects an integer"),
+    (["-p", "sigma", "x"], "-p sigma: notebook 01 expects a number (its default is 0.01), got 'x'"),
+    (["-p", "smoke", "no"], "-p smoke: takes True or False, got 'no'"),
+    (["-p", "sizes", "3"], "expects a list"),
+])
+def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    _notebook(src / "01_a.ipynb", "pass", params="smoke = False\nseed = 0\nsigma = 0.01\nsizes = [1, 2]\nname = 'x'\n"
+                                                 "device = None")
+    code = ("import sys\nfrom esnb.run import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--notebooks", str(src), "--output",
+                           str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=60)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "exit 2" in proc.stdout and "torch imported: False" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists() or not __import__("shutil").which("flock"), reason="Linux flock")
+def test_runs_wait_for_each_other_but_not_for_their_own_parent(tmp_path):
+    lock = tmp_path / "lock"
+    env = {**__import__("os").environ, "ESNB_LOCK_FILE": str(lock)}
+    code = "from esnb.run import machine_lock\nwith machine_lock():\n    print('got it')"
+    # under `flock LOCK python ...` (the lock's holder is the parent): goes ahead
+    proc = subprocess.run(["flock", str(lock), sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout.strip() == "got it" and "waiting" not in proc.stderr
+    # while an unrelated process holds it: waits, says why, and gets it once released
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "3"])
+    try:
+        import time as _time
+        _time.sleep(0.5)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        holder.wait()
+    assert proc.stdout.strip() == "got it" and "waiting for it to finish" in proc.stderr
+
+
+def test_good_parameters_pass_the_check(tmp_path):
+    from esnb.run import declared_parameters, parameter_error
+
+    path = _notebook(tmp_path / "01_a.ipynb", "pass", params="seed = 0\nsigma = 0.01\nname = 'x'\ndevice = None")
+    defaults = declared_parameters(path)
+    assert defaults == {"seed": 0, "sigma": 0.01, "name": "x", "device": None}
+    for name, text in [("seed", "3"), ("sigma", "1"), ("sigma", "2e-3"), ("name", "[1,"), ("device", "cuda")]:
+        assert parameter_error(name, parse_value(text), defaults[name], text) is None, (name, text)
 
 
 def test_clean_notebook_strips_machine_paths_and_progress_bars():

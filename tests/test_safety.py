@@ -458,7 +458,7 @@ def test_item7_summary_says_smoke_and_wraps_headline_numbers():
     from esnb.run import Outcome, summary_table
 
     records = {f"a_rather_long_headline_number_{i}": 0.123456 * i for i in range(30)}
-    table = summary_table([Outcome("05_es_finetunes_tiny_lm.ipynb", "ok", 12.3, records)], smoke=True)
+    table = summary_table([Outcome("05_es_finetunes_tiny_lm.ipynb", "ok", 12.3, records)], smoke=True, numbers=True)
     lines = table.splitlines()
     assert "SMOKE" in lines[0]
     assert max(len(ln) for ln in lines) <= 100
