@@ -155,4 +155,6 @@ def test_papermill_rerun_of_a_course_notebook(tmp_path):
     executed = json.loads((out / "01_es_in_two_dimensions.ipynb").read_text())
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and "seed = 1" in "".join(injected[0]["source"]) and "smoke = True" in "".join(injected[0]["source"])
-    assert "1 of 1 notebooks ran" in proc.stdout and "rosenbrock_final_value=" in proc.stdout
+    assert "1 of 1 notebooks ran" in proc.stdout and "rosenbrock_final_value=" not in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] and "rosenbrock_final_value" in summary["notebooks"][0]["records"]
