@@ -256,3 +256,60 @@ class LiveCurves:
         else:
             self._handle.update(fig)
         plt.close(fig)
+
+
+def population_animation(land: Landscape, snapshots: Sequence[dict], sigma: float, zoom: float = 6.0,
+                         interval: int = 300, dpi: int = 55, jpeg: bool = True) -> str:
+    """An ES run on a 2-D landscape as a self-contained HTML animation (``anim.to_jshtml``).
+
+    One frame per snapshot (``{"iteration", "theta", "population", "path"}``, as ``run_es(...,
+    snapshot_at=...)`` keeps them). Left: theta (red dot) and its path on the whole map. Right: the
+    window theta +- ``zoom`` * sigma, each member coloured by its z-scored reward (red: better than
+    the population's mean, blue: worse), and the ES direction (1/N) sum_n z_n eps_n as an arrow
+    drawn at a fixed length. Small frames (``dpi``) and JPEG keep a notebook that embeds it small.
+    """
+    from matplotlib import animation
+
+    from .es import zscore
+
+    half = zoom * sigma
+    fig, (ax_map, ax_zoom) = plt.subplots(1, 2, figsize=(7.6, 3.6), dpi=dpi)
+    landscape_contours(ax_map, land)
+    trail, = ax_map.plot([], [], color="white", lw=1)
+    here, = ax_map.plot([], [], "o", color="red", ms=7, mec="white")
+    ax_map.set_title("the whole map")
+
+    def draw_frame(k: int) -> list:
+        snap = snapshots[k]
+        theta_k, pop = np.asarray(snap["theta"]), torch.as_tensor(snap["population"])
+        z = zscore(land.reward(pop))                                                     # shaped fitness of each member
+        direction = (z[:, None] * (pop - torch.as_tensor(snap["theta"])) / sigma).mean(0).numpy()  # (1/N) sum z_n eps_n
+        path = np.asarray(snap["path"])
+        trail.set_data(path[:, 0], path[:, 1])
+        here.set_data([theta_k[0]], [theta_k[1]])
+        ax_zoom.clear()
+        xs = np.linspace(theta_k[0] - half, theta_k[0] + half, 50)
+        ys = np.linspace(theta_k[1] - half, theta_k[1] + half, 50)
+        grid = torch.tensor(np.stack(np.meshgrid(xs, ys), -1))
+        ax_zoom.contourf(xs, ys, np.log1p(land.value(grid).numpy()), levels=12, cmap="Greys_r", alpha=0.6)
+        ax_zoom.scatter(pop[:, 0], pop[:, 1], c=z.numpy(), cmap="coolwarm", vmin=-2, vmax=2, s=60,
+                        edgecolor="black", lw=0.5)
+        ax_zoom.plot(*theta_k, "o", color="black", ms=6)
+        shown = direction / max(np.linalg.norm(direction), 1e-12) * half * 0.7
+        ax_zoom.annotate("", xy=theta_k + shown, xytext=theta_k, arrowprops=dict(color="black", width=1.5, headwidth=7))
+        ax_zoom.set_xlim(xs[0], xs[-1])
+        ax_zoom.set_ylim(ys[0], ys[-1])
+        ax_zoom.set_aspect("equal")
+        ax_zoom.set_xticks([])
+        ax_zoom.set_yticks([])
+        width = land.xlim[1] - land.xlim[0]
+        ax_zoom.set_title(f"zoom x{width / (2 * half):.0f}, iteration {snap['iteration']}: "
+                          f"f = {float(land.value(torch.as_tensor(snap['theta']))):.3g}", fontsize=9)
+        return [trail, here]
+
+    fig.tight_layout()
+    anim = animation.FuncAnimation(fig, draw_frame, frames=len(snapshots), interval=interval, blit=False)
+    with plt.rc_context({"animation.frame_format": "jpeg" if jpeg else "png"}):  # JPEG: about half the size of PNG
+        html = anim.to_jshtml(default_mode="once")
+    plt.close(fig)
+    return html
