@@ -15,20 +15,20 @@ NUMBERS, TARGET = [1, 12, 38], "51"
 def exercise_1() -> None:
     """The reward on tricky completions: the LAST answer counts; every number exactly once; the
     prompt's <think> counts as the opening of the think block."""
-    tricky = {
-        "two answers, last right": "12+38=50,50+1=51</think>\n<answer>12</answer>\n<answer>(12+38)+1</answer>",
-        "two answers, last wrong": "12+38=50,50+1=51</think>\n<answer>(12+38)+1</answer>\n<answer>12</answer>",
-        "a number used twice": "x</think>\n<answer>(38+12)/1+1</answer>",
-        "no think block closed": "<answer>(12+38)+1</answer>",
+    tricky = {  # the notebook's keys c1-c4, in the order of its list
+        "c1": "12+38=50,50+1=51</think>\n<answer>12</answer>\n<answer>(12+38)+1</answer>",  # two answers, the last right
+        "c2": "12+38=50,50+1=51</think>\n<answer>(12+38)+1</answer>\n<answer>12</answer>",  # two answers, the last wrong
+        "c3": "x</think>\n<answer>(38+12)/1+1</answer>",                                    # the number 1 used twice
+        "c4": "<answer>(12+38)+1</answer>",                                                   # no think block closed
     }
     got = {k: cd.reward(v, NUMBERS, TARGET) for k, v in tricky.items()}
     for k, r in got.items():
-        print(f"{k:26s} {r}")
-    assert got["two answers, last right"]["answer_reward"] == 1.0      # the last answer block is read
-    assert got["two answers, last wrong"]["answer_reward"] == 0.0      # ... even when an earlier one was right
-    assert got["a number used twice"]["answer_reward"] == 0.0          # 1 appears twice, though the value is 51
-    assert got["no think block closed"]["format_reward"] == 0.5        # an answer block, but no closed think block
-    assert abs(got["no think block closed"]["reward"] - 1.05) < 1e-12  # 0.1 * 0.5 + 1.0
+        print(f"{k:4s} {r}")
+    assert got["c1"]["answer_reward"] == 1.0        # the last answer block is read
+    assert got["c2"]["answer_reward"] == 0.0        # ... even when an earlier one was right
+    assert got["c3"]["answer_reward"] == 0.0        # 1 appears twice, though the value is 51
+    assert got["c4"]["format_reward"] == 0.5        # an answer block, but no closed think block
+    assert abs(got["c4"]["reward"] - 1.05) < 1e-12  # 0.1 * 0.5 + 1.0
 
 
 def uses_each_number_once(expression: str, numbers: list[int]) -> bool:
