@@ -36,18 +36,26 @@ def esnb_noise(t: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def exercise_1() -> None:
-    """Other units: 1000 * R + 7 gives the same trajectory (z-scores do not see scale or offset);
-    -R climbs the other way (ES maximizes whatever it is given)."""
+    """Same order, other gaps: with the reward -f^3 (a monotone change, every member keeps its rank) the z-scored loop
+    does *not* follow the same trajectory: z-scores undo only a change of units (scale and offset), not of shape. The two
+    paths drift apart by up to about 0.1 (two steps of alpha = 0.05) within 100 iterations, both still reach the
+    minimum (f about 3e-4 and 1e-4), and centered ranks (exercise 2) would not see the change at all. Multiplying by -1
+    turns the climb around: ES maximizes whatever it is given, and f grows."""
     start = torch.tensor(SPHERE.start, dtype=torch.float64)
     path_a = es_from_scratch(SPHERE.reward, start, 0.1, 0.05, 20, 100, esnb_noise)
-    path_b = es_from_scratch(lambda p: 1000 * SPHERE.reward(p) + 7, start, 0.1, 0.05, 20, 100, esnb_noise)
-    gap = float((path_a - path_b).abs().max())
-    # Not bit-identical only because of the 1e-8 guard in the z-score's denominator.
-    assert gap < 1e-5, gap
-    path_neg = es_from_scratch(lambda p: -SPHERE.reward(p), start, 0.1, 0.05, 20, 100, esnb_noise)
+    path_b = es_from_scratch(lambda p: -SPHERE.value(p) ** 3, start, 0.1, 0.05, 20, 100, esnb_noise)
+    gap = float((path_a - path_b).norm(dim=1).max())
+    assert 1e-2 < gap < 0.5, gap  # far above rounding, well below the distance travelled
     f = SPHERE.value
+    assert f(path_a[-1]) < 0.01 and f(path_b[-1]) < 0.01, (f(path_a[-1]), f(path_b[-1]))
+    # ranks keep only the order: the same two rewards give identical paths
+    path_ra = es_from_scratch(SPHERE.reward, start, 0.1, 0.175, 20, 100, esnb_noise, shape=esnb.centered_ranks)
+    path_rb = es_from_scratch(lambda p: -SPHERE.value(p) ** 3, start, 0.1, 0.175, 20, 100, esnb_noise, shape=esnb.centered_ranks)
+    assert torch.equal(path_ra, path_rb)
+    path_neg = es_from_scratch(lambda p: -SPHERE.reward(p), start, 0.1, 0.05, 20, 100, esnb_noise)
     assert f(path_a[-1]) < 0.01 < f(start) < f(path_neg[-1]), (f(path_a[-1]), f(path_neg[-1]))
-    print(f"exercise 1: x1000 + 7 -> max |difference| {gap:.1e}; x(-1) -> f went from {float(f(start)):.2f} "
+    print(f"exercise 1: reward -f^3 -> the paths drift up to {gap:.3f} apart (final f {float(f(path_a[-1])):.1e} and "
+          f"{float(f(path_b[-1])):.1e}; identical with centered ranks); x(-1) -> f went from {float(f(start)):.2f} "
           f"up to {float(f(path_neg[-1])):.2f}")
 
 
@@ -83,12 +91,14 @@ def raw_estimate(reward, theta: torch.Tensor, sigma: float, eps: torch.Tensor) -
 
 
 def exercise_3() -> None:
-    """Antithetic pairs cancel the common offset R(theta) of raw rewards: at N = 8 the raw estimate
-    points along the true gradient, where independent noise gives a poor direction."""
+    """Antithetic pairs cancel the common offset R(theta) of raw rewards. At N = 8, sigma = 0.1, at Rosenbrock's start
+    (-1.5, 2.5), the raw estimate with antithetic noise has a mean cosine of about 0.89 with the reward gradient; with
+    independent noise about 0.5: better than section 6's near-zero at sigma = 0.01 (a wider cloud makes the differences
+    between members larger next to the common offset), but still well behind the mirrored pairs."""
     gen = torch.Generator().manual_seed(0)
-    point = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    point = torch.tensor(ROSEN.start, dtype=torch.float64)
     true_grad = ROSEN.reward_gradient(point)
-    sigma, n = 0.01, 8
+    sigma, n = 0.1, 8
     draws = {"independent": lambda t: torch.randn(n, 2, generator=gen, dtype=torch.float64),
              "antithetic": lambda t: antithetic_noise(t, n, generator=gen)}
     eps = antithetic_noise(0, n, generator=gen)
@@ -98,8 +108,8 @@ def exercise_3() -> None:
         cos = [float(torch.nn.functional.cosine_similarity(raw_estimate(ROSEN.reward, point, sigma, draw(t)), true_grad, dim=0))
                for t in range(300)]
         mean_cos[name] = sum(cos) / len(cos)
-    assert mean_cos["antithetic"] > 0.8 and mean_cos["independent"] < 0.3, mean_cos
-    print(f"exercise 3: mean cosine with the true gradient at N={n}, raw rewards: "
+    assert mean_cos["antithetic"] > 0.8 and 0.2 < mean_cos["independent"] < mean_cos["antithetic"] - 0.2, mean_cos
+    print(f"exercise 3: mean cosine with the reward gradient at N={n}, sigma={sigma}, raw rewards, at {tuple(ROSEN.start)}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in mean_cos.items()))
 
 

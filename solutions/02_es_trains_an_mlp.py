@@ -80,20 +80,22 @@ def exercise_3() -> None:
 
 
 def exercise_4() -> None:
-    """Sine, 150 iterations: the ES direction fed to Adam fits clearly better than the plain step.
+    """Sine, 150 iterations: of the knobs tried, only the optimizer makes a large difference.
 
-    At the notebook's size (300 training points, N = 50, one seed) the final test MSE was 0.42 for the
-    plain step, 0.17 with Adam (alpha 0.03); 0.41 with N = 200, 0.36 with sigma = 0.01, 0.42 with
-    sigma = 0.2 and 0.59 with alpha = 0.3: only the optimizer made a large difference. Here, at a
-    smaller size, the check is the Adam one.
+    At the notebook's size (300 training points, N = 50, sigma = 0.05, alpha = 0.1, one seed) the final test MSE was
+    0.42 for the plain step; with N = 200 0.41, sigma = 0.01 0.36, sigma = 0.2 0.42, alpha = 0.03 0.42 and
+    alpha = 0.3 0.59 (worse); the ES direction fed to Adam (alpha 0.03) got 0.17. The check below runs the plain step,
+    its best knob (sigma = 0.01), alpha = 0.3 and Adam at that size (N = 200 is left out to keep the test short).
+    At a smaller size (150 training points) the picture is less clear-cut: alpha = 0.3 then matched Adam.
     """
-    train, test = toy.split(toy.make_dataset("sine", 200, seed=0))
+    train, test = toy.split(toy.make_dataset("sine", 400, seed=0))
     final = {}
-    for label, opt, alpha in [("plain", "sgd", 0.1), ("adam", "adam", 0.03)]:
+    for label, opt, sigma, alpha in [("plain", "sgd", 0.05, 0.1), ("sigma 0.01", "sgd", 0.01, 0.1), ("alpha 0.3", "sgd", 0.05, 0.3),
+                                     ("adam", "adam", 0.05, 0.03)]:
         model = toy.MLP(1, 32, 1, depth=2, seed=0)
-        es = ES(model, ESConfig(population_size=50, sigma=0.05, alpha=alpha, optimizer=opt, seed=0))
+        es = ES(model, ESConfig(population_size=50, sigma=sigma, alpha=alpha, optimizer=opt, seed=0))
         final[label] = toy.train_es(model, train, test, es, 150, eval_every=150).rows[-1]["test"]
-    assert final["adam"] < final["plain"] - 0.05, final
+    assert final["adam"] < min(v for k, v in final.items() if k != "adam") - 0.1, final
     print("exercise 4: test MSE after 150 iterations on sine: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
 
 
