@@ -162,6 +162,11 @@ def start(directory: str | os.PathLike) -> None:
         return
     _started = True
     _dumped_to = str(directory)
+    # Also a builtin: ``python -m esnb.x`` runs the instrumented module in runpy's own globals,
+    # which our loader never sees.
+    import builtins
+
+    setattr(builtins, HIT, _hit)
     sys.meta_path.insert(0, _Finder())
     sys.addaudithook(_audit)
     atexit.register(dump)

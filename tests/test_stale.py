@@ -301,6 +301,15 @@ def test_a_subprocess_records_what_it_ran(tmp_path) -> None:
     assert {"esnb.noise:noise_correlation", "esnb.es:ESConfig", "esnb.es:ESConfig.__post_init__"} <= set(trace["units"])
 
 
+def test_a_module_run_with_dash_m_records_what_it_ran(tmp_path) -> None:
+    # runpy executes `python -m esnb.x` in its own globals, which the instrumenting loader never sees
+    env = {**__import__("os").environ, "ESNB_TRACE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "esnb.finetune", "--help"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(u.startswith("esnb.finetune:") for u in provenance.merge_traces(tmp_path)["units"])
+
+
 # ------------------------------------------------------------------ claims and reports
 
 def test_claims_check_in_full_runs_and_report_in_smoke(monkeypatch, capsys) -> None:
