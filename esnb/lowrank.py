@@ -42,7 +42,7 @@ from .generation import (_encode_prompts, _eos_ids, _GreedyState, _plain_llama_o
                          generate)
 from .noise import _generator, noise_like, stream_seed
 
-__all__ = ["LowRankES", "lowrank_factors", "lowrank_noise", "generate_population", "score_population"]
+__all__ = ["LowRankES", "lowrank_factors", "lowrank_noise", "generate_population", "score_population", "replay"]
 
 
 def lowrank_factors(shape: Sequence[int], seed: int, index: int, rank: int, device: Any = "cpu",
@@ -141,6 +141,35 @@ class LowRankES(ES):
             sq += float(step.double().pow(2).sum())
         self.params.sync()
         return math.sqrt(sq)
+
+
+def replay(run: tuple[dict, list[dict]], params: nn.Module | torch.Tensor | Iterable[torch.Tensor] | None = None,
+           rank: int = 1, until: int | None = None, master_device: str | torch.device | None = None) -> LowRankES:
+    """:func:`esnb.runlog.replay` for a :class:`LowRankES` run: rebuild its weights from the seed log
+    without evaluating anything (the same ``apply_update`` calls as the live run, so bit-identical).
+
+    ``run`` is ``(initial_state, entries)``: ``LowRankES(model, config, rank).state_dict()`` of the
+    starting model (or a saved one) and the logged ``es.history`` entries. ``rank`` must be the
+    run's rank (the log does not hold it). ``params``, ``until`` and ``master_device`` as in
+    :func:`esnb.runlog.replay`. Returns the optimizer, ready to continue the run.
+    """
+    initial, entries = run
+    config = ESConfig(**{**initial["config"], "adam_betas": tuple(initial["config"]["adam_betas"])})
+    if params is None:
+        params = [m.detach().clone() for m in initial["master"]]
+    es = LowRankES(params, config, rank=rank, master_device=master_device)
+    es.load_state_dict(initial)
+    for e in entries:
+        if e["iteration"] < es.iteration:
+            continue
+        if until is not None and e["iteration"] >= until:
+            break
+        if e["iteration"] != es.iteration:
+            raise ValueError(f"log jumps from iteration {es.iteration} to {e['iteration']}")
+        es.apply_update(e["seeds"], e["signs"], e["weights"])
+        es.iteration += 1
+        es.history.append(e)
+    return es
 
 
 # ---------------------------------------------------------------- population-batched decoding

@@ -12,6 +12,10 @@ away; the tests here use it:
   score, resampling the *items* (one draw keeps an item's scores under both methods and all
   seeds together, so puzzle difficulty shared by the runs is not counted as independent evidence);
 * :func:`binomial_se`: the standard error of an accuracy measured on ``n`` items.
+* :func:`two_level_bootstrap`: like :func:`paired_bootstrap`, but each draw also resamples each
+  method's runs (seeds), so the interval includes the seed-to-seed variance as well as the items';
+* :func:`permutation_test`: a two-sided permutation test of a difference in means between two
+  groups of run-level scores (exact over all splits when there are few).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["paired_counts", "mcnemar_exact", "paired_bootstrap", "binomial_se"]
+__all__ = ["paired_counts", "mcnemar_exact", "paired_bootstrap", "binomial_se", "two_level_bootstrap",
+           "permutation_test"]
 
 
 def _as_binary(name: str, x: Sequence) -> np.ndarray:
@@ -98,3 +103,83 @@ def binomial_se(p: float, n: int) -> float:
     if not 0 <= p <= 1:
         raise ValueError(f"p: expected a share in [0, 1], got {p!r}")
     return math.sqrt(p * (1 - p) / n)
+
+
+def two_level_bootstrap(a: Sequence, b: Sequence, n_boot: int = 10_000, seed: int = 0,
+                        level: float = 0.95, chunk: int = 1_000) -> dict:
+    """Percentile bootstrap of ``mean(a) - mean(b)`` resampling the runs of each method *and* the items.
+
+    ``a``: shape ``(runs_a, items)``, ``b``: ``(runs_b, items)``: one row per run (seed) of each
+    method, the columns the same items in the same order. Each draw picks ``runs_a`` rows of ``a``
+    and ``runs_b`` rows of ``b`` with replacement, independently (the two methods' seeds share
+    nothing), and ``items`` columns with replacement, the same columns for both methods (the
+    pairing by item is kept); the statistic is the difference of the two overall means.
+
+    :func:`paired_bootstrap` holds the runs fixed and resamples items only, so its interval
+    leaves out how much a method's result moves from seed to seed; this one includes both
+    sources of variation (a two-stage, hierarchical bootstrap; slightly conservative when the
+    items are many). With one run per method it is :func:`paired_bootstrap` again.
+
+    Returns ``{"diff", "low", "high", "se"}``: the observed difference, the ``level`` interval
+    and the bootstrap standard error. ``chunk``: draws computed at once (memory only).
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"a: expected shape (runs, items), got {x.shape}")
+    if y.ndim != 2 or y.shape[0] == 0 or y.shape[1] != x.shape[1]:
+        raise ValueError(f"b: expected shape (runs, {x.shape[1]}) (the same items as a), got {y.shape}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot: expected an integer >= 1, got {n_boot!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a number in (0, 1), got {level!r}")
+    ra, rb, n = x.shape[0], y.shape[0], x.shape[1]
+    rng = np.random.default_rng(seed)
+    boots = np.empty(int(n_boot))
+    for start in range(0, int(n_boot), int(chunk)):
+        k = min(int(chunk), int(n_boot) - start)
+        # multinomial counts = how often each run / item is picked in a draw with replacement
+        wa = rng.multinomial(ra, np.full(ra, 1 / ra), size=k) / ra
+        wb = rng.multinomial(rb, np.full(rb, 1 / rb), size=k) / rb
+        items = rng.multinomial(n, np.full(n, 1 / n), size=k) / n
+        boots[start:start + k] = ((wa @ x - wb @ y) * items).sum(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2], method="inverted_cdf")
+    return {"diff": float(x.mean() - y.mean()), "low": float(lo), "high": float(hi),
+            "se": float(boots.std(ddof=1)) if n_boot > 1 else 0.0}
+
+
+def permutation_test(a: Sequence, b: Sequence, n_perm: int = 10_000, seed: int = 0,
+                     max_exact: int = 100_000) -> dict:
+    """Two-sided permutation test of ``mean(a) - mean(b)`` for two groups of scores, one per run
+    (e.g. each seed's test accuracy): under "no difference" the group labels are exchangeable.
+
+    Exact when the number of splits ``C(len(a) + len(b), len(a))`` is at most ``max_exact``
+    (8 runs against 8: 12,870 splits); otherwise ``n_perm`` random splits (the observed one
+    counted in, so p is never 0). p = share of splits whose |difference| is at least the
+    observed one. Returns ``{"diff", "p", "exact", "splits"}``.
+    """
+    import itertools
+
+    x, y = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if x.size == 0 or y.size == 0:
+        raise ValueError(f"a, b: expected two non-empty groups, got {x.size} and {y.size} scores")
+    if isinstance(n_perm, bool) or not isinstance(n_perm, (int, np.integer)) or n_perm < 1:
+        raise ValueError(f"n_perm: expected an integer >= 1, got {n_perm!r}")
+    pooled, na = np.concatenate([x, y]), x.size
+    total = pooled.sum()
+    observed = x.mean() - y.mean()
+    tol = 1e-12 * max(1.0, float(np.abs(pooled).max()))
+    splits = math.comb(pooled.size, na)
+    if splits <= max_exact:
+        idx = np.array(list(itertools.combinations(range(pooled.size), na)))
+        sa = pooled[idx].sum(axis=1)
+        diffs = sa / na - (total - sa) / y.size
+        p = float(np.mean(np.abs(diffs) >= abs(observed) - tol))
+        return {"diff": float(observed), "p": p, "exact": True, "splits": int(splits)}
+    rng = np.random.default_rng(seed)
+    hits = 1  # the observed split
+    for _ in range(int(n_perm)):
+        perm = rng.permutation(pooled)
+        hits += abs(perm[:na].mean() - perm[na:].mean()) >= abs(observed) - tol
+    return {"diff": float(observed), "p": hits / (int(n_perm) + 1), "exact": False, "splits": int(n_perm) + 1}

@@ -110,3 +110,24 @@ def test_low_rank_es_learns(tok):
         mean_now = sum(task.score(c, p)["reward"] for c, p in zip(generate(model, tok, prompts, 8), prompts)) / 6
     assert mean_now > first + 0.2, (first, mean_now)
     assert math.isfinite(final[0])
+
+
+def test_replay_rebuilds_a_low_rank_run_bit_for_bit(tok):
+    from esnb.lowrank import replay
+    from esnb.runlog import bit_equal
+
+    model = _model(tok)
+    es = LowRankES(model, ESConfig(population_size=4, sigma=0.05, alpha=0.02, seed=3), rank=2)
+    initial = es.state_dict()
+    for t in range(3):
+        es.tell(torch.arange(4.0).roll(t))
+    fresh = _model(tok)
+    again = replay((LowRankES(fresh, ESConfig(population_size=4, sigma=0.05, alpha=0.02, seed=3), rank=2).state_dict(),
+                    es.history), fresh, rank=2)
+    assert again.iteration == 3 and bit_equal(fresh, model)
+    assert not bit_equal(fresh, _model(tok))  # it moved
+    half = replay((initial, es.history), rank=2, until=2)  # fresh tensors, stopped early
+    assert half.iteration == 2 and not torch.equal(half.theta, es.theta)
+    wrong_rank = _model(tok)
+    replay((initial, es.history), wrong_rank, rank=1)
+    assert not bit_equal(wrong_rank, model)
