@@ -348,3 +348,92 @@ def walk_spread(step_norms: Sequence[float], n_params: int, direction_norm: floa
     dimensions: ``|d| * sqrt(sum step**2 / P)`` (the walk matched step by step, not only at the end)."""
     s = np.asarray(step_norms, dtype=float)
     return float(direction_norm * math.sqrt(float((s ** 2).sum()) / n_params))
+
+
+# ---------------------------------------------------------------- a weight change small enough to ship (notebooks 07 -> 09)
+
+# The probabilities of plots.qq_normal's grid (200 points, tails to 1e-5), where the quantiles are kept.
+QQ_PROBABILITIES = np.concatenate([np.logspace(-5, -1, 50), np.linspace(0.1, 0.9, 100), 1 - np.logspace(-1, -5, 50)])
+
+
+def summarize_change(before: nn.Module | dict, after: nn.Module | dict, sample: int = 65536, seed: int = 0,
+                     probabilities: Sequence[float] | None = None, noise: tuple[Any, Sequence[dict]] | None = None) -> dict:
+    """What notebook 09 needs of a weight change whose weights are not shipped (a GRPO run cannot be
+    rebuilt from a seed log): a dict of
+
+    * ``numel``, ``norm`` (``||after - before||``) and ``rms`` of the whole change;
+    * ``stats``: :func:`shift_stats` of :func:`group_shifts` (one record per layer type and
+      ``"all"``), computed over every weight, and ``weights_rms``: the RMS of ``before`` per group
+      (for the change relative to the weights);
+    * ``probabilities`` / ``quantiles``: exact quantiles of ``change / rms`` over every weight (by
+      default at :data:`QQ_PROBABILITIES`, the QQ plot's grid);
+    * ``sample_seed`` / ``sample``: the change at ``sample`` coordinates of the flattened parameters
+      (``named_parameters`` order) drawn uniformly without replacement with ``numpy``'s generator
+      of ``seed`` (float32; for histograms and QQ plots);
+    * ``projections`` (with ``noise=(es, entries)``, an ES object built on a model of the same
+      shapes and that run's seed log): ``<sign eps_tn, change>`` for every logged member
+      (:func:`noise_projections`), so the ES run's displacement along this change, hence the
+      cosine between the two changes, is exact without either run's weights
+      (:func:`projection_of` / (``||change_es|| * norm``)).
+
+    Everything but ``sample`` and ``projections`` is a few KB; :func:`save_change_summary` writes it.
+    """
+    shifts = weight_shifts(before, after)
+    groups = group_shifts(shifts)
+    flat = groups["all"]
+    rms = float(flat.pow(2).mean().sqrt())
+    table = shift_stats(groups)
+    before_groups = group_shifts({k: v.reshape(-1) for k, v in _named(before).items()})
+    p = np.asarray(QQ_PROBABILITIES if probabilities is None else probabilities, dtype=float)
+    values = (flat / rms).numpy() if rms > 0 else flat.numpy()
+    quantiles = np.quantile(values, p)
+    del values
+    gen = np.random.default_rng(seed)
+    idx = np.sort(gen.choice(flat.numel(), size=min(sample, flat.numel()), replace=False))
+    out = {"numel": int(flat.numel()), "norm": float(flat.norm()), "rms": rms,
+           "stats": [{"group": g, **{k: (int(v) if k == "numel" else float(v)) for k, v in r.items()}}
+                     for g, r in table.iterrows()],
+           "weights_rms": {g: float(v.double().pow(2).mean().sqrt()) for g, v in before_groups.items()},
+           "probabilities": p.tolist(), "quantiles": quantiles.tolist(),
+           "sample_seed": int(seed), "sample": flat[torch.from_numpy(idx)].float().numpy()}
+    del flat, groups
+    if noise is not None:
+        es, entries = noise
+        names = list(es.params.names)
+        if sorted(names) != sorted(shifts):
+            raise ValueError("noise: the ES object's parameters are not those of the change")
+        direction = [shifts[n].reshape(m.shape) for n, m in zip(names, es.params.master)]
+        out["projections"] = noise_projections(es, entries, {"change": direction})["change"].tolist()
+    return out
+
+
+def save_change_summary(summary: dict, directory: Any, name: str = "weight_change") -> list:
+    """Write :func:`summarize_change`'s dict as ``NAME.json`` (everything but the sample) and
+    ``NAME_sample.npy`` (the sampled coordinates, float32); returns the two paths."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in summary.items() if k != "sample"}
+    js, npy = directory / f"{name}.json", directory / f"{name}_sample.npy"
+    js.write_text(json.dumps(meta, indent=1) + "\n")
+    np.save(npy, np.asarray(summary["sample"], dtype=np.float32))
+    return [js, npy]
+
+
+def load_change_summary(directory: Any, name: str = "weight_change") -> dict:
+    """Read what :func:`save_change_summary` wrote: the dict, with ``sample`` a float32 array,
+    ``stats`` a DataFrame indexed by group and ``projections`` (if any) an array."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    directory = Path(directory)
+    out = json.loads((directory / f"{name}.json").read_text())
+    out["sample"] = np.load(directory / f"{name}_sample.npy")
+    out["stats"] = pd.DataFrame(out["stats"]).set_index("group")
+    if "projections" in out:
+        out["projections"] = np.asarray(out["projections"], dtype=float)
+    return out

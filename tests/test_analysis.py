@@ -77,3 +77,36 @@ def test_walk_spread_and_a_walk_matched_step_by_step():
     assert float(walk["w"].pow(2).mean().sqrt()) == pytest.approx(5e-3, rel=0.01)
     with pytest.raises(ValueError, match="step_rms"):
         analysis.matched_random_walk(shifts, 3, step_rms=[1.0, 2.0])
+
+
+def test_summarize_change_keeps_stats_quantiles_a_sample_and_the_exact_cosine_with_an_es_run(tmp_path):
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 20))
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    # an ES run on the same shapes: its log alone gives its change
+    es = ES(net, ESConfig(population_size=6, sigma=0.1, alpha=0.05, seed=2))
+    for _ in range(4):
+        es.tell(torch.randn(6, generator=gen))
+    es_delta = torch.cat([(m.double() - before[k].double()).reshape(-1) for k, m in zip(es.params.names, es.params.master)])
+    # another change (the "GRPO" one), summarized against the ES run's noise
+    after = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in before.items()}
+    s = analysis.summarize_change(before, after, sample=500, seed=3,
+                                  noise=(ES(torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 20)),
+                                            es.config), es.history))
+    delta = torch.cat([(after[k].double() - before[k].double()).reshape(-1) for k in before])
+    assert s["numel"] == delta.numel() and s["norm"] == pytest.approx(float(delta.norm()))
+    assert s["rms"] == pytest.approx(float(delta.pow(2).mean().sqrt()))
+    assert s["stats"][0]["group"] == "all" and s["stats"][0]["rms"] == pytest.approx(s["rms"])
+    assert np.allclose(s["quantiles"], np.quantile((delta / s["rms"]).numpy(), s["probabilities"]))
+    idx = np.sort(np.random.default_rng(3).choice(delta.numel(), size=500, replace=False))
+    assert s["sample"].dtype == np.float32 and np.allclose(s["sample"], delta[torch.from_numpy(idx)].numpy(), atol=1e-7)
+    dot = analysis.projection_of(es.history, np.asarray(s["projections"]), es.config.alpha)
+    assert dot == pytest.approx(float(es_delta @ delta), rel=1e-5)
+    # written and read back
+    analysis.save_change_summary(s, tmp_path)
+    back = analysis.load_change_summary(tmp_path)
+    assert back["stats"].loc["all", "rms"] == pytest.approx(s["rms"]) and np.array_equal(back["sample"], s["sample"])
+    assert np.allclose(back["projections"], s["projections"]) and back["weights_rms"] == s["weights_rms"]
+    with pytest.raises(ValueError, match="noise"):
+        analysis.summarize_change(before, after, noise=(ES(torch.zeros(3), es.config), es.history))

@@ -20,6 +20,18 @@ def test_prompts_and_reward():
     assert cc.reward(None, "No") == -2.0
 
 
+def test_32_heldout_prompts_extend_the_8_and_the_default_is_unchanged():
+    task8, task32 = get_task("conciseness"), get_task("conciseness", heldout=32)
+    assert task8.test_items == cc.HELDOUT_PROMPTS and repr(task8) == "ConcisenessTask(chat=False, max_new_tokens=100)"
+    items = task32.test_items
+    assert len(items) == 32 and items[:8] == cc.HELDOUT_PROMPTS and "heldout=32" in repr(task32)
+    assert len({x["id"] for x in items}) == 32 and len({x["prompt"] for x in items}) == 32
+    assert not {p["prompt"] for p in cc.TRAIN_PROMPTS} & {p["prompt"] for p in items}
+    assert all(len(x["prompt"]) > len(x["target"]) and 1 <= len(x["target"]) <= 5 for x in items)
+    with pytest.raises(ValueError, match="heldout"):
+        get_task("conciseness", heldout=16)
+
+
 def test_task_interface_and_correctness():
     task = get_task("conciseness")
     assert isinstance(task, Task) and task.name == "conciseness"

@@ -27,7 +27,7 @@ class Task(Protocol):
 
 def get_task(name: str, **options: Any) -> Task:
     """Build a task by name: ``"countdown"`` (options: ``prompt_style="plain"|"chat"|"compact"``,
-    ``max_new_tokens``) or ``"conciseness"`` (options: ``chat``, ``max_new_tokens``)."""
+    ``max_new_tokens``) or ``"conciseness"`` (options: ``chat``, ``max_new_tokens``, ``heldout`` = 8 or 32 prompts)."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a task name such as 'countdown', got {name!r}")
     key = name.strip().lower()

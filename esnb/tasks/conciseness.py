@@ -33,6 +33,37 @@ HELDOUT_PROMPTS = [  # ours (the paper's held-out list is not reproduced here)
      "target": "No"},
 ]
 
+# 24 more held-out prompts (ours, same kinds of answers): ``ConcisenessTask(heldout=32)`` uses
+# HELDOUT_PROMPTS + these, so that one answer weighs 1/32 of a fraction instead of 1/8.
+EXTRA_HELDOUT_PROMPTS = [
+    {"id": "test-8", "prompt": "Solve: 2 + 2 =", "target": "4"},
+    {"id": "test-9", "prompt": "Solve: 8 - 3 =", "target": "5"},
+    {"id": "test-10", "prompt": "Solve: 6 * 2 =", "target": "12"},
+    {"id": "test-11", "prompt": "Solve: 10 - 7 =", "target": "3"},
+    {"id": "test-12", "prompt": "Solve: 5 + 9 =", "target": "14"},
+    {"id": "test-13", "prompt": "Solve: 3 * 3 =", "target": "9"},
+    {"id": "test-14", "prompt": "Solve: 12 / 4 =", "target": "3"},
+    {"id": "test-15", "prompt": "Solve: 15 - 6 =", "target": "9"},
+    {"id": "test-16", "prompt": "What is the capital of Italy?", "target": "Rome"},
+    {"id": "test-17", "prompt": "What is the capital of Japan?", "target": "Tokyo"},
+    {"id": "test-18", "prompt": "What color is grass?", "target": "Green"},
+    {"id": "test-19", "prompt": "How many legs does a spider have?", "target": "8"},
+    {"id": "test-20", "prompt": "How many days are in a week?", "target": "7"},
+    {"id": "test-21", "prompt": "What is the opposite of hot?", "target": "Cold"},
+    {"id": "test-22", "prompt": "Which animal says moo?", "target": "Cow"},
+    {"id": "test-23", "prompt": "What is frozen water called?", "target": "Ice"},
+    {"id": "test-24", "prompt": "Is 10 an even number?", "target": "Yes"},
+    {"id": "test-25", "prompt": "Is the sun a star?", "target": "Yes"},
+    {"id": "test-26", "prompt": "Is 9 a prime number?", "target": "No"},
+    {"id": "test-27", "prompt": "Is ice hot?", "target": "No"},
+    {"id": "test-28", "prompt": "If all dogs are animals and Rex is a dog, is Rex an animal?", "target": "Yes"},
+    {"id": "test-29", "prompt": "If no birds have fur and a robin is a bird, does a robin have fur?",
+     "target": "No"},
+    {"id": "test-30", "prompt": "If all roses are flowers and this is a rose, is it a flower?", "target": "Yes"},
+    {"id": "test-31", "prompt": "If no cats can fly and Tom is a cat, can Tom fly?", "target": "No"},
+]
+HELDOUT_SIZES = (8, 32)
+
 
 def reward(response: str, target: str) -> float:
     """The paper's reward: minus the length gap in characters (0 is best)."""
@@ -90,9 +121,12 @@ class ConcisenessTask:
 
     name = "conciseness"
 
-    def __init__(self, chat: bool = False, max_new_tokens: int = 100):
+    def __init__(self, chat: bool = False, max_new_tokens: int = 100, heldout: int = 8):
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens: must be positive")
+        if heldout not in HELDOUT_SIZES:
+            raise ValueError(f"heldout: expected one of {HELDOUT_SIZES} (held-out prompts), got {heldout!r}")
+        self.heldout = int(heldout)  # 8: HELDOUT_PROMPTS; 32: those and EXTRA_HELDOUT_PROMPTS
         self.chat = bool(chat)
         self.max_new_tokens = int(max_new_tokens)  # the paper's MAX_NEW_TOKENS
         self.stop_strings: tuple[str, ...] = ()     # EOS only
@@ -103,7 +137,8 @@ class ConcisenessTask:
 
     @property
     def test_items(self) -> list[dict]:
-        return [dict(x) for x in HELDOUT_PROMPTS]
+        extra = EXTRA_HELDOUT_PROMPTS if self.heldout == 32 else []
+        return [dict(x) for x in HELDOUT_PROMPTS + extra]
 
     def prompt(self, item: dict, tokenizer: Any = None) -> str:
         if not self.chat:
@@ -119,7 +154,8 @@ class ConcisenessTask:
                 "length": len(completion) if isinstance(completion, str) else 0}
 
     def __repr__(self) -> str:
-        return f"ConcisenessTask(chat={self.chat}, max_new_tokens={self.max_new_tokens})"
+        extra = f", heldout={self.heldout}" if self.heldout != 8 else ""
+        return f"ConcisenessTask(chat={self.chat}, max_new_tokens={self.max_new_tokens}{extra})"
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
