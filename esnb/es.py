@@ -421,6 +421,56 @@ class ES:
         self.params.sync()
 
 
+SEED_SCHEDULES = ("esnb", "paper")
+PAPER_SEED = 33          # the paper's ``initial_seed``
+PAPER_SEED_HIGH = 2**30  # its seeds are ``np.random.randint(0, 2**30, ...)``
+
+
+def paper_iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
+    """The member seeds of one iteration as the paper's script draws them: numpy seeded once
+    (``np.random.seed(seed)``, 33 in the paper), then ``np.random.randint(0, 2**30, size=count,
+    dtype=np.int64)`` once per iteration, iterations 0, 1, ... in turn. Computed here from a
+    private ``RandomState`` (the global numpy state is not touched) by drawing the earlier
+    iterations' seeds again, so it is still a pure function of (seed, iteration, count) and a
+    resumed run draws what an uninterrupted one did."""
+    for name, value in (("seed", seed), ("iteration", iteration), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    rng = np.random.RandomState(int(seed))
+    for _ in range(int(iteration)):
+        rng.randint(0, PAPER_SEED_HIGH, size=int(count), dtype=np.int64)
+    return [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=int(count), dtype=np.int64)]
+
+
+class PaperSeedsES(ES):
+    """:class:`ES` whose members take the paper's seed schedule (:func:`paper_iteration_seeds`
+    of ``config.seed``) instead of :func:`iteration_seeds`; everything else is the same. With
+    ``antithetic=True`` (not the paper's) each draw gives ``N/2`` seeds, one per +/- pair.
+
+    A seed log records the seeds themselves, so :func:`esnb.runlog.replay` needs no schedule;
+    :class:`esnb.finetune.FinetuneConfig` (``seeds="paper"``) records which one made them."""
+
+    def ask(self) -> list[Member]:
+        if self._members is None:
+            cfg = self.config
+            cache = getattr(self, "_paper_rng", None)  # (next iteration, its RandomState): one draw per iteration
+            count = cfg.population_size // 2 if cfg.antithetic else cfg.population_size
+            if cache is not None and cache[0] == self.iteration:
+                rng = cache[1]
+                seeds = [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)]
+            else:  # a fresh start, a resume or a loaded state: draw the schedule up to here
+                rng = np.random.RandomState(cfg.seed)
+                for _ in range(self.iteration):
+                    rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)
+                seeds = [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)]
+            self._paper_rng = (self.iteration + 1, rng)
+            if cfg.antithetic:
+                self._members = [Member(2 * k + j, s, 1 - 2 * j) for k, s in enumerate(seeds) for j in (0, 1)]
+            else:
+                self._members = [Member(k, s, 1) for k, s in enumerate(seeds)]
+        return self._members
+
+
 def es_gradient(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, sigma: float, population_size: int,
                 generator: torch.Generator | None = None, antithetic: bool = False, shaping: str = "zscore") -> torch.Tensor:
     """The ES estimate of grad E[f(theta + sigma eps)] = (1/(N sigma)) sum_n w_n eps_n, for a flat theta.

@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .es import ES, ESConfig
+from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import evaluate, generate
 from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, _atomic_write, load_checkpoint, match_umask, read_log,
                      read_run_config, remove_stale_temps, save_checkpoint, write_json)
@@ -91,7 +91,8 @@ class FinetuneConfig:
     Every field is validated on construction; a bad value raises ``ValueError`` naming it.
 
     * ``population_size``, ``sigma``, ``alpha``, ``antithetic``, ``shaping``, ``optimizer``,
-      ``momentum``, ``weight_decay``, ``seed``: as :class:`esnb.es.ESConfig`.
+      ``momentum``, ``weight_decay``, ``seed``: as :class:`esnb.es.ESConfig`; ``seed=None`` (the
+      default) is 0, or 33 (the paper's ``initial_seed``) with ``fidelity="paper"``.
     * ``iterations``: ES updates in total (a resumed run continues up to this number).
     * ``train_size``: how many training items are used (the first ``train_size``).
     * ``batch_size``: prompts per member per iteration; ``None`` = all ``train_size`` (the paper).
@@ -125,10 +126,36 @@ class FinetuneConfig:
       ``</answer>``) or run to EOS / ``max_new_tokens`` as the paper (``False``). The reward reads
       the LAST answer block either way; with early stop that block is the first one, so a wrong
       answer followed by a right one scores 1 in the paper and 0 here. Early stop is faster.
+    * ``seeds``: the member seeds' schedule. ``"esnb"``: a pure function of (seed, iteration)
+      (:func:`esnb.es.iteration_seeds`); ``"paper"``: as the paper's script, numpy seeded once with
+      ``seed`` (33 there) and ``randint(0, 2**30, N)`` drawn each iteration
+      (:func:`esnb.es.paper_iteration_seeds`). Seed logs record the seeds themselves, so replay and
+      rebuild need no schedule; a resume draws the same schedule. A run folder whose
+      ``config.json`` has no ``seeds`` (made before this field) used ``"esnb"``.
 
-    The paper's prompt and data are task and data choices: ``get_task("countdown",
-    prompt_style="paper", targets="paper")`` and :func:`esnb.tasks.countdown.load_paper_data`
-    (the CLI's ``--paper-faithful --data PATH`` sets all of it).
+    The paper's prompt, target rule, reward and data are task and data choices:
+    ``get_task("countdown", **countdown.paper_options())`` (``prompt_style="paper"``,
+    ``targets="paper"``, ``reward="paper-script"``: the prompt + completion scored as the paper's
+    script does, with its 0.06 floor) and :func:`esnb.tasks.countdown.load_paper_data` (the CLI's
+    ``--paper-faithful --data PATH`` sets all of it). Paper mode follows the paper's ORIGINAL script
+    (``countdown/es_fine-tuning_countdown.py``), not its accelerated vLLM one
+    (``es_fine-tuning_countdown_accl.py``: fp16, reward of the completion alone, the raw target
+    string, so negative and decimal targets can be reached, seeds from ``random.randint``).
+
+    What paper mode still does not reproduce: answers are checked by esnb's safe evaluator, never
+    ``eval`` (``2**5+3`` or ``7//2+3`` score 1.1 in the paper, 0.1 here, and so do answers longer or
+    deeper than the evaluator's bounds); greedy decoding is esnb's (the lean decoder for Llama/Qwen2,
+    whose bf16 tokens can differ from Hugging Face ``generate``'s, and no ``repetition_penalty`` from
+    the checkpoint's generation config); a member's reward is ``np.mean`` of its prompts' rewards
+    (the script: ``sum / len``, equal up to float rounding). And esnb's single-process paper mode
+    is the script run as ONE process with ``--gpu_threads 1``: every member is perturbed and
+    restored (by subtraction, so with bf16 drift) on the one model that is updated. With several
+    processes the script has each rank restore only its own members (``seed_idx % world == rank``),
+    so the ranks' weights drift apart and rank 0's model is the one saved; with its default
+    ``--gpu_threads 4`` each thread perturbs its own copy of the model, only copy 0's drift (members
+    0, 4, 8, ... of each rank) stays in the model that is updated and saved, and the copies are
+    reset to it after every update. (:mod:`esnb.distributed` with ``precision="paper"`` also lets
+    each rank drift by its own members only, while its seed log replays the one-process drift.)
     """
 
     population_size: int = 30
@@ -139,7 +166,7 @@ class FinetuneConfig:
     optimizer: str = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
-    seed: int = 0
+    seed: int | None = None           # None: from fidelity (0 for esnb, 33 for paper)
     iterations: int = 500
     train_size: int = 200
     batch_size: int | None = None
@@ -159,6 +186,7 @@ class FinetuneConfig:
     noise: str | None = None          # None: from fidelity ("independent" for esnb)
     precision: str | None = None      # None: from fidelity ("master" for esnb)
     early_stop: bool | None = None    # None: from fidelity (True for esnb)
+    seeds: str | None = None          # None: from fidelity ("esnb" for esnb, "paper" for paper)
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITIES:
@@ -172,6 +200,12 @@ class FinetuneConfig:
             self.early_stop = not paper
         if not isinstance(self.early_stop, bool):
             raise ValueError(f"early_stop must be True, False or None, got {self.early_stop!r}")
+        if self.seed is None:
+            self.seed = PAPER_SEED if paper else 0
+        if self.seeds is None:
+            self.seeds = "paper" if paper else "esnb"
+        if self.seeds not in SEED_SCHEDULES:
+            raise ValueError(f"seeds must be one of {SEED_SCHEDULES}, got {self.seeds!r}")
         self.es_config()  # validates the ES fields, naming the bad one
         self.population_size = int(self.population_size)
         self.sigma, self.alpha = float(self.sigma), float(self.alpha)
@@ -224,8 +258,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
+        """The config of a saved ``to_dict()``; one saved before ``seeds`` existed used ``"esnb"``."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{"seeds": "esnb", **{k: v for k, v in d.items() if k in known}})
 
 
 def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | None) -> list[int]:
@@ -481,7 +516,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
     model = _prepare_model(model, config)
-    es = ES(model, config.es_config(), master_device=config.master_device)
+    es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es_config(), master_device=config.master_device)
     result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
 
     out = Path(output_dir) if output_dir is not None else None
@@ -504,7 +539,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
                 print(f"note: {ckpt_path} is damaged ({type(e).__name__}); rebuilding the weights from the "
                       f"seed log instead", file=sys.stderr)
         if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
-            saved_cfg = read_run_config(out).get("finetune", {})
+            # a run saved before the ``seeds`` field drew esnb's seeds: resuming it needs seeds="esnb"
+            saved_cfg = {"seeds": "esnb", **read_run_config(out).get("finetune", {})}
             _check_resume_config(saved_cfg, config, out / "config.json")
             if ckpt is not None:
                 es.load_state_dict(ckpt["es"])
@@ -724,7 +760,8 @@ _CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alph
                "train_size": "train_size", "batch_size": "batch_size", "test_size": "test_size",
                "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
                "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype",
-               "fidelity": "fidelity", "noise": "noise", "precision": "precision", "early_stop": "early_stop"}
+               "fidelity": "fidelity", "noise": "noise", "precision": "precision", "early_stop": "early_stop",
+               "seeds": "seeds"}
 # What may change when a run is resumed from the command line.
 _CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
 
@@ -755,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--population", type=_positive_int, help=f"population size N (default {d.population_size})")
     ap.add_argument("--sigma", type=_positive_float, help=f"noise scale (default {d.sigma})")
     ap.add_argument("--alpha", type=_nonneg_float, help=f"learning rate (default {d.alpha})")
-    ap.add_argument("--seed", type=_nonneg_int, help=f"run seed (default {d.seed})")
+    ap.add_argument("--seed", type=_nonneg_int, help=f"run seed (default {d.seed}; {PAPER_SEED} with --paper-faithful)")
     ap.add_argument("--antithetic", action="store_const", const=True, help="mirrored +/- noise pairs (the paper: off)")
     ap.add_argument("--shaping", choices=["zscore", "centered_rank", "raw"], help=f"fitness shaping (default {d.shaping})")
     ap.add_argument("--train-size", type=_positive_int, help=f"training items used (default {d.train_size})")
@@ -771,8 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_const", const=True, help="one printed line per iteration instead of a bar")
     paper = ap.add_argument_group("the paper's choices (Qiu et al. 2025, released code), one switch or piece by piece")
     paper.add_argument("--paper-faithful", dest="fidelity", action="store_const", const="paper",
-                       help="all of them: --noise paper --precision paper --no-early-stop and, for countdown, "
-                            "prompt_style=paper and targets=paper (give --data for the paper's puzzles)")
+                       help="all of them: --noise paper --precision paper --no-early-stop --seeds paper (run seed "
+                            f"{PAPER_SEED}) and, for countdown, prompt_style=paper, targets=paper and "
+                            "reward=paper-script (give --data for the paper's puzzles)")
     paper.add_argument("--noise", choices=["independent", "paper", "table"],
                        help="'paper': every tensor of a member seeded with the member's seed; 'table': windows of one "
                             "shared Gaussian table (esnb.noise.NoiseTable) (default: independent streams)")
@@ -782,6 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--no-early-stop", dest="early_stop", action="store_const", const=False,
                        help="generate to EOS or the token cap and reward the last answer block (default: stop at "
                             "the task's stop strings, e.g. the first </answer>)")
+    paper.add_argument("--seeds", choices=list(SEED_SCHEDULES),
+                       help="member seeds: 'paper': numpy seeded once with --seed, randint(0, 2**30, N) per "
+                            "iteration, as the paper's script (default: esnb's, a function of seed and iteration)")
     paper.add_argument("--data", metavar="PATH",
                        help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
     return ap
@@ -891,6 +932,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     out, settings, resuming = _cli_settings(ap, args)
+    saved_run = read_run_config(out).get("finetune", {"seeds": None}) if resuming else {}
+    if resuming and "seeds" not in saved_run:
+        # made before seed schedules, paper mode's seed 33 and the paper-script reward: it keeps esnb's
+        settings.setdefault("seeds", "esnb")
+        settings.setdefault("seed", saved_run.get("seed", 0))
+        settings["legacy_reward"] = True
     try:
         config = FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in settings.items() if k in _CLI_CONFIG})
     except ValueError as e:
@@ -929,9 +976,10 @@ def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resumin
 
     options = dict(settings.get("task_options") or {})
     countdown = settings["task"].strip().lower() == "countdown"
-    if countdown and config.fidelity == "paper":  # the paper's prompt and target rule (explicit options win)
+    if countdown and config.fidelity == "paper":  # the paper's prompt, target rule and reward (explicit options win)
         options.setdefault("prompt_style", "paper")
         options.setdefault("targets", "paper")
+        options.setdefault("reward", "esnb" if settings.get("legacy_reward") else "paper-script")
     if countdown and settings["model"].strip().lower() in SHIPPED:
         options.setdefault("prompt_style", "compact")
     if settings.get("data") and not countdown:

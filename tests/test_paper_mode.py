@@ -185,7 +185,8 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     from esnb.tinylm import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = dict(fidelity="paper", population_size=4, sigma=0.05, alpha=0.2, train_size=4, test_size=2,
+    # paper mode draws the paper's member seeds (run seed 33); at sigma = 0.1 no iteration's population ties
+    cfg = dict(fidelity="paper", population_size=4, sigma=0.1, alpha=0.2, train_size=4, test_size=2,
                eval_every=0, checkpoint_every=1, save_final=False)
     live = _micro(tok)
     finetune(live, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
@@ -193,6 +194,7 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (meta["finetune"]["noise"], meta["finetune"]["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
     assert (meta["config"]["noise"], meta["config"]["precision"]) == ("paper", "paper")  # the seed log's ES config
+    assert (meta["finetune"]["seeds"], meta["finetune"]["seed"]) == ("paper", 33)
     rewards = [json.loads(line)["reward_std"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert all(std > 0 for std in rewards)  # every iteration updated (no all-tie population)
     assert not bit_equal(live, _micro(tok))  # it moved

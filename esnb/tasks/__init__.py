@@ -26,8 +26,9 @@ class Task(Protocol):
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """Build a task by name: ``"countdown"`` (options: ``prompt_style="plain"|"chat"|"compact"``,
-    ``max_new_tokens``) or ``"conciseness"`` (options: ``chat``, ``max_new_tokens``, ``heldout`` = 8 or 32 prompts)."""
+    """Build a task by name: ``"countdown"`` (options: ``prompt_style="plain"|"paper"|"chat"|"compact"``,
+    ``max_new_tokens``, ``targets="esnb"|"paper"``, ``reward="esnb"|"paper-script"``; the paper's
+    all at once: ``get_task("countdown", **countdown.paper_options())``) or ``"conciseness"`` (options: ``chat``, ``max_new_tokens``, ``heldout`` = 8 or 32 prompts)."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a task name such as 'countdown', got {name!r}")
     key = name.strip().lower()

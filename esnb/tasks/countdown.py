@@ -11,7 +11,10 @@ What lives here:
   and a compact prompt for the tiny character-level model;
 * ``reward(completion, numbers, target)`` with the paper's semantics, computed by a small
   safe parser. The paper evaluates answers with Python's ``eval``; we never do: model output
-  is untrusted and ``44**19**35`` or ten thousand nested parentheses would hang or crash it.
+  is untrusted and ``44**19**35`` or ten thousand nested parentheses would hang or crash it;
+* ``paper_script_reward(prompt, completion, numbers, target)``: the reward the paper's released
+  script really computes, on the decoded prompt + completion (a 0.06 floor from the paper
+  prompt's own tags); ``CountdownTask(reward="paper-script")``, the default in paper mode.
 """
 from __future__ import annotations
 
@@ -376,6 +379,60 @@ def reward(completion: str, numbers: Sequence[int], target: Any) -> dict:
     return {"reward": 0.1 * fmt + ans, "format_reward": fmt, "answer_reward": ans}
 
 
+PAPER_SCRIPT_FLOOR = 0.06  # 0.1 * (0.1 + 0.5): the paper prompt's own <think> </think> and <answer> </answer>
+
+
+def script_response(prompt: str, completion: str) -> str:
+    """The text the paper's training script scores: the decoded prompt + completion, cut to what
+    follows the last ``assistant:`` (case-sensitive) and then stripped, when that string occurs
+    (``gen_text.split("assistant:")[-1].strip()``; without it the text is kept as is, unstripped).
+
+    The script decodes ``generate``'s whole output (prompt tokens included) with
+    ``skip_special_tokens=True``; for the paper's tokenizers that is the prompt text followed by
+    the completion text, which is what is joined here."""
+    text = (prompt if isinstance(prompt, str) else "") + (completion if isinstance(completion, str) else "")
+    if "assistant:" in text:
+        text = text.split("assistant:")[-1].strip()
+    return text
+
+
+def paper_script_reward(prompt: str, completion: str, numbers: Sequence[int], target: Any,
+                        targets: str = "paper") -> dict:
+    """The Countdown reward as the paper's released training script really computes it
+    (``countdown/es_fine-tuning_countdown.py`` with ``countdown_task.reward_function``), where the
+    paper's text describes :func:`reward` of the completion alone:
+
+    * it scores :func:`script_response` (prompt + completion, the ``assistant:`` split), so the
+      paper's prompt, which names ``<think> </think>`` and ``<answer> </answer>`` tags, gives
+      every response a format score of at least 0.6: a floor of ``PAPER_SCRIPT_FLOOR`` = 0.06
+      where the completion alone scores 0, 0.01 or 0.05; the full format score (1.0) needs
+      ``</think>\\n<answer>`` in the completion and the text to end with ``</answer>``;
+    * the answer is the LAST ``<answer>`` block of that text: with no closed block in the
+      completion it is the prompt's example ``(1 + 2) / 3``, so a puzzle with numbers {1, 2, 3}
+      and target 1 scores 1.06 without answering;
+    * ``targets="paper"`` (the script's rule, ``int(t) if t.isdigit() else None``): negative and
+      non-integer targets are never reached (:func:`paper_solvable`); ``"esnb"``: any numeric target.
+
+    The numbers are the puzzle's own; the script parses them from the prompt's first ``[...]``,
+    which for the paper's prompt (:func:`paper_prompt`, its data's ``context``) gives the same list.
+
+    Deliberate difference: answers are checked by esnb's safe evaluator, never ``eval``, so
+    expressions outside ``+ - * / ( )`` arithmetic as :class:`_Parser` reads it (``2**5+3``,
+    ``7//2+3``, answers longer than ``MAX_ANSWER_CHARS`` or nested deeper than ``MAX_DEPTH``)
+    score answer 0 here (reward 0.1 for a well-formed response) where the script's ``eval``
+    may give 1 (reward 1.1). Never raises on ``completion``; a malformed ``target`` raises
+    ``ValueError`` as in :func:`reward`.
+    """
+    if targets not in CountdownTask.TARGETS:
+        raise ValueError(f"targets: expected one of {CountdownTask.TARGETS}, got {targets!r}")
+    goal = _parse_target(target)
+    text = script_response(prompt, completion)
+    fmt = format_reward(text)  # the script's format_reward_function("<think>" + response)
+    solvable = targets != "paper" or paper_solvable(target)
+    ans = answer_reward(text, numbers, goal) if solvable else 0.0
+    return {"reward": 0.1 * fmt + ans, "format_reward": fmt, "answer_reward": ans}
+
+
 # ----------------------------------------------------------------------------------------
 # Generator
 # ----------------------------------------------------------------------------------------
@@ -607,6 +664,17 @@ def load_paper_data(path: str | Path, n_train: int = PAPER_N_TRAIN,
     return items[:n_train], items[len(items) - n_test:]
 
 
+def paper_options(**options: Any) -> dict:
+    """The task options of paper mode (``fidelity="paper"``, ``--paper-faithful``), explicit ones
+    winning: the paper's prompt (``prompt_style="paper"``), its target rule (``targets="paper"``)
+    and the reward its script computes (``reward="paper-script"``)::
+
+        get_task("countdown", **paper_options())                         # the paper's task
+        get_task("countdown", **paper_options(prompt_style="compact"))   # on the tiny model
+    """
+    return {"prompt_style": "paper", "targets": "paper", "reward": "paper-script", **options}
+
+
 class CountdownTask:
     """Countdown as a ``Task``: prompt styles ``"plain"`` (a User/Assistant transcript, or the
     item's own ``context``), ``"paper"`` (the paper's ``context`` text, built from numbers and
@@ -623,18 +691,35 @@ class CountdownTask:
     The reward reads the LAST answer block of whatever it is given, so early stopping changes what
     is rewarded: ``<answer>wrong</answer> ... <answer>right</answer>`` scores 1 in the paper, 0 with
     early stop (generation ended after the first block).
+
+    ``reward``: ``"esnb"`` (default) scores the completion alone (:func:`reward`, what the paper's
+    text describes); ``"paper-script"`` scores what the paper's training and evaluation scripts
+    really score, the prompt + completion (:func:`paper_script_reward`: a 0.06 floor from the paper
+    prompt's own tags, the ``assistant:`` split, the prompt's example answer). Its ``targets``
+    default to ``"paper"``, the script's rule. It needs the prompt as text, so not ``"chat"``.
+    Answers are checked by the safe evaluator either way (``2**5+3`` scores 0.1 here, 1.1 in the
+    script). ``paper_options()`` gives all of the paper's task options at once.
     """
 
     name = "countdown"
     STYLES = ("plain", "paper", "chat", "compact")
     TARGETS = ("esnb", "paper")
+    REWARDS = ("esnb", "paper-script")
 
-    def __init__(self, prompt_style: str = "plain", max_new_tokens: int | None = None, targets: str = "esnb"):
+    def __init__(self, prompt_style: str = "plain", max_new_tokens: int | None = None, targets: str | None = None,
+                 reward: str = "esnb"):
         if prompt_style not in self.STYLES:
             raise ValueError(f"prompt_style: expected one of {self.STYLES}, got {prompt_style!r}")
+        if reward not in self.REWARDS:
+            raise ValueError(f"reward: expected one of {self.REWARDS}, got {reward!r}")
+        if reward == "paper-script" and prompt_style == "chat":
+            raise ValueError("reward: 'paper-script' scores the prompt text with the completion, and the chat "
+                             "prompt needs a tokenizer to be written out; use prompt_style 'paper', 'plain' or 'compact'")
+        if targets is None:  # the script's target rule goes with the script's reward
+            targets = "paper" if reward == "paper-script" else "esnb"
         if targets not in self.TARGETS:
             raise ValueError(f"targets: expected one of {self.TARGETS}, got {targets!r}")
-        self.prompt_style, self.targets = prompt_style, targets
+        self.prompt_style, self.targets, self.reward = prompt_style, targets, reward
         default = 64 if prompt_style == "compact" else 1024
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens <= 0):
@@ -655,7 +740,9 @@ class CountdownTask:
         return item.get("context") or plain_prompt(item["numbers"], item["target"])
 
     def score(self, completion: str, item: dict) -> dict:
-        if self.targets == "paper" and not paper_solvable(item["target"]):
+        if self.reward == "paper-script":
+            out = paper_script_reward(self.prompt(item), completion, item["numbers"], item["target"], self.targets)
+        elif self.targets == "paper" and not paper_solvable(item["target"]):
             fmt = format_reward(completion) if isinstance(completion, str) else 0.0
             out = {"reward": 0.1 * fmt, "format_reward": fmt, "answer_reward": 0.0}
         else:
@@ -665,6 +752,7 @@ class CountdownTask:
 
     def __repr__(self) -> str:
         extra = f", targets={self.targets!r}" if self.targets != "esnb" else ""
+        extra += f", reward={self.reward!r}" if self.reward != "esnb" else ""
         return f"CountdownTask(prompt_style={self.prompt_style!r}, max_new_tokens={self.max_new_tokens}{extra})"
 
 
