@@ -51,44 +51,79 @@ def exercise_1() -> None:
     assert abs(estimate - got["kl"]) < 1e-4 * max(1.0, estimate)
 
 
+def _final_answers(run: str) -> tuple[list[str], list[str]]:
+    """(base model's answers, the run's final answers) on the 32 held-out prompts, from the shipped trajectory."""
+    from esnb import REPO_ROOT
+    from esnb import conciseness_runs as cr
+
+    traj = cr.load_run(REPO_ROOT / "data" / "runs" / "07_conciseness" / run)["traj"]
+    return list(traj["answers"].iloc[0]), list(traj["answers"].iloc[-1])
+
+
+def _heldout() -> list[dict]:
+    return cc.HELDOUT_PROMPTS + cc.EXTRA_HELDOUT_PROMPTS
+
+
 def exercise_2() -> None:
-    """Under the script's reward (prompt + completion), the empty completion is the best one."""
-    target = "8"
-    rewards = {n: cc.paper_script_reward(PROMPT, "8" * n, target) for n in range(21)}
-    best = max(rewards, key=rewards.get)
-    print(f"best completion length under the script's reward: {best} (reward {rewards[best]:.0f}); "
-          f"the completion-only reward of that answer: {cc.reward('', target):.0f}")
-    # the prompt alone is 14 characters, 13 more than the target: nothing can do better than adding nothing
-    assert best == 0 and rewards[0] == -float(len(PROMPT) - len(target))
-    # under that reward both methods would be taught to stop at once: the "hack" is the optimum
+    """Under the script's reward, GRPO beta = 1 seed 1's small gain becomes a loss."""
+    items = _heldout()
+    gains = {}
+    for s in range(3):
+        base, after = _final_answers(f"grpo-beta1-seed{s}")
+        esnb_gain = [cc.reward(a, x["target"]) - cc.reward(b, x["target"]) for a, b, x in zip(after, base, items)]
+        script_gain = [cc.paper_script_reward(x["prompt"], a, x["target"]) - cc.paper_script_reward(x["prompt"], b, x["target"])
+                       for a, b, x in zip(after, base, items)]
+        gains[s] = (sum(esnb_gain) / len(items), sum(script_gain) / len(items))
+        # the script's reward is a constant per prompt minus the answer's length, so the two gains differ only on
+        # prompts where an answer (the base model's or the run's) is shorter than the target: there esnb's reward
+        # pays for the first characters and the script's charges them
+        for a, b, x, ge, gs in zip(after, base, items, esnb_gain, script_gain):
+            if len(a) >= len(x["target"]) and len(b) >= len(x["target"]):
+                assert ge == gs
+    print("gain over the base model (esnb's reward, script's reward), per beta = 1 seed: "
+          + "; ".join(f"seed {s}: {e:+.2f}, {g:+.2f}" for s, (e, g) in gains.items()))
+    flipped = [s for s, (e, g) in gains.items() if (e > 0) != (g > 0)]
+    # seed 1 filled the base model's empty answers with long text: +0.78 under esnb's reward, -1.59 under the script's
+    assert flipped == [1]
+    assert abs(gains[1][0] - 0.78125) < 1e-9 and abs(gains[1][1] + 1.59375) < 1e-9
 
 
 def exercise_3() -> None:
-    """slack=0 keeps only degenerate answers of exactly the target's length; empty ones stay."""
-    base = ["13\n\nThis is a classic example", "", "\n\nThe answer is no."]
-    targets = ["13", "Paris", "No"]
-    after = ["12.", "", ""]        # wrong, right length +1; empty (like the base); newly empty
-    loose = cc.hacked(after, base, targets, slack=2)
-    strict = cc.hacked(after, base, targets, slack=0)
-    print(f"slack 2: {loose}; slack 0: {strict}")
-    assert loose == [True, False, True]
-    assert strict == [False, False, True]   # "12." is 3 characters against 2: no longer flagged
-    # an empty answer is degenerate whatever the slack (it is never the answer), so it stays
+    """GRPO beta = 0 seed 1: 9 hacked answers at slack 0, 14 at slack 2, 18 at slack 5; raising slack removes none here."""
+    items = _heldout()
+    targets = [x["target"] for x in items]
+    base, after = _final_answers("grpo-beta0-seed1")
+    counts = {slack: sum(cc.hacked(after, base, targets, slack=slack)) for slack in (0, 2, 5)}
+    print(f"hacked answers of GRPO beta = 0 seed 1 by slack: {counts}")
+    assert counts == {0: 9, 2: 14, 5: 18}
+    # a flag disappears only where the base model's answer becomes degenerate too; every base answer that is not
+    # empty is wrong and at least 19 characters longer than its target, so up to slack 18 the base model's
+    # degenerate answers stay its empty ones, and a larger slack can only add flags
+    gap = min(len(b) - len(t) for b, t in zip(base, targets) if b.strip())
+    assert gap == 19
+    assert all(sum(cc.degenerate(b, t, slack=k) for b, t in zip(base, targets)) == sum(not b.strip() for b in base)
+               for k in range(gap))
+    # and an empty answer is degenerate whatever the slack
     assert all(cc.degenerate("", t, slack=0) for t in targets)
 
 
 def exercise_4() -> None:
-    """Pooled over tokens, one long answer drowns three empty ones; per prompt, it does not."""
+    """Pooled, the long answer of L positions weighs L times the empty one: kl_pooled - own = (empty - own) / (L + 1)."""
     torch.set_num_threads(1)
     moved, base, tok = _tiny_pair(scale=0.03)
-    prompts = ["12 5 3>20<think>", "7 8 9>24<think>", "2 4 6>12<think>", "9 3 1>27<think>"]
-    long = "12+5=17,17+3=20</think>\n<answer>12+5+3</answer>" * 2
-    got = cc.kl_to_base(moved, base, tok, prompts, [long, "", "", ""])
-    print(f"per-token KL of the long answer {got['per_prompt'][0]:.4f}, of the empty ones "
-          f"{[round(x, 4) for x in got['per_prompt'][1:]]}; pooled {got['kl_pooled']:.4f}, per prompt {got['kl']:.4f}")
-    assert abs(got["kl"] - sum(got["per_prompt"]) / 4) < 1e-9
-    # the pooled value sits near the long answer's own per-token KL (it has most of the tokens)
-    assert abs(got["kl_pooled"] - got["per_prompt"][0]) < abs(got["kl"] - got["per_prompt"][0])
+    prompts = ["12 5 3>20<think>", "7 8 9>24<think>"]
+    text = "12+5=17,17+3=20</think>\n<answer>12+5+3</answer>"
+    gaps = []
+    for repeats in (1, 2, 4):
+        got = cc.kl_to_base(moved, base, tok, prompts, [text * repeats, ""])
+        own, empty = got["per_prompt"]
+        positions = got["tokens"] - 1                      # the long answer's positions, its stop included
+        gaps.append(abs(got["kl_pooled"] - own) / abs(empty - own))  # the empty answer's share of the pool
+        print(f"x{repeats}: L = {positions}, own {own:.4f}, empty {empty:.4f}; pooled {got['kl_pooled']:.4f}, "
+              f"per prompt {got['kl']:.4f}")
+        assert abs((got["kl_pooled"] - own) - (empty - own) / (positions + 1)) < 1e-6
+        assert abs(got["kl"] - (own + empty) / 2) < 1e-9   # per prompt: always the plain mean of the two
+    assert gaps[0] > gaps[1] > gaps[2]                      # the empty answer's weight 1/(L+1) shrinks as L grows
 
 
 if __name__ == "__main__":
