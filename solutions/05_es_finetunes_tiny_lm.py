@@ -17,7 +17,7 @@ from esnb.es import centered_ranks, iteration_seeds
 from esnb.finetune import FinetuneConfig, batch_indices, finetune
 from esnb.generation import generate
 from esnb.models import load_model
-from esnb.noise import ParameterSet, noise_like
+from esnb.noise import ParameterSet, noise_like, perturbed
 from esnb.runlog import bit_equal
 from esnb.tasks import countdown as cd
 from esnb.tasks import get_task
@@ -156,9 +156,16 @@ def exercise_2() -> None:
 
 
 def exercise_3() -> None:
-    """sigma = 1e-6 flips no greedy token: every member ties, all z-scores are 0, the update is 0."""
+    """sigma = 1e-6 flips no greedy token (checked on the first iteration's puzzles for each member): every
+    member ties, all z-scores are 0, the update is 0 and the weights do not move."""
     train, test = _data()
-    before, _ = load_model("tiny-base", device="cpu")
+    before, tok = load_model("tiny-base", device="cpu")
+    prompts = [TASK.prompt(train[j], tok) for j in batch_indices(SEED, 0, len(train), BATCH)]
+    greedy = dict(max_new_tokens=TASK.max_new_tokens, stop_strings=TASK.stop_strings)
+    base = generate(before, tok, prompts, **greedy)
+    for s in iteration_seeds(SEED, 0, N):
+        with perturbed(before, s, 1e-6):
+            assert generate(before, tok, prompts, **greedy) == base, s
     model, result = _engine(train, test, sigma=1e-6, antithetic=False)
     entry = result.es.history[0]
     print(f"rewards: mean {entry['reward_mean']:.4f}, min {entry['reward_min']:.4f}, max {entry['reward_max']:.4f}; "
