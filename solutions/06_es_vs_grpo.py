@@ -28,16 +28,17 @@ def exercise_1() -> None:
 
 
 def exercise_2() -> None:
-    # SE = sqrt(p (1 - p) / n): halving it takes 4x the puzzles; SE 0.01 at p = 0.25 takes
-    # n = 0.25 * 0.75 / 0.01**2 = 1,875 puzzles
-    se512 = stats.binomial_se(0.25, 512)
-    assert abs(stats.binomial_se(0.25, 4 * 512) - se512 / 2) < 1e-12
-    n = math.ceil(0.25 * 0.75 / 0.01**2)
-    assert n == 1875 and stats.binomial_se(0.25, n) <= 0.01
+    # SE = sqrt(p (1 - p) / n): on the 256 puzzles 05 never scored, at p = 0.30; quadrupling the
+    # puzzles halves it; SE 0.01 at p = 0.30 takes n = 0.3 * 0.7 / 0.01**2 = 2,100 puzzles
+    se256 = stats.binomial_se(0.30, 256)
+    assert abs(se256 - math.sqrt(0.3 * 0.7 / 256)) < 1e-12
+    assert abs(stats.binomial_se(0.30, 4 * 256) - se256 / 2) < 1e-12
+    n = math.ceil(0.30 * 0.70 / 0.01**2 - 1e-9)
+    assert n == 2100 and stats.binomial_se(0.30, n) <= 0.01 + 1e-12
     # p (1 - p) grows towards p = 0.5: the SE at a starting accuracy near 0.1 understates the
-    # noise of an evaluation at the compared accuracy near 0.25 by about a third
-    assert stats.binomial_se(0.1, 512) < 0.7 * se512
-    print(f"exercise 2: 512 puzzles -> SE {se512:.4f}; 2,048 -> {se512 / 2:.4f}; SE 0.01 needs {n:,} puzzles")
+    # noise of an evaluation at the compared accuracy (0.25-0.30) by about a third
+    assert stats.binomial_se(0.1, 256) < 0.7 * se256
+    print(f"exercise 2: 256 puzzles -> SE {se256:.4f}; 1,024 -> {se256 / 2:.4f}; SE 0.01 needs {n:,} puzzles")
 
 
 def exercise_3() -> None:
@@ -70,19 +71,21 @@ def exercise_4() -> None:
     # GRPO: a step costs prompts x G samples (G = 8)
     budget, n_es, g = 4096, 32, 8
     es_ways, grpo_ways = budget_ways(budget, n_es), budget_ways(budget, g)
-    # 16 prompts per update for both, as in the notebook
-    es_iters = dict((p, u) for u, p in es_ways)[16]
-    grpo_steps = dict((p, u) for u, p in grpo_ways)[16]
-    assert (es_iters, grpo_steps) == (8, 32)
-    assert es_iters * n_es * 16 == grpo_steps * 16 * g == budget
+    assert es_ways == [(1, 128), (2, 64), (4, 32), (8, 16), (16, 8), (32, 4), (64, 2), (128, 1)]
     # GRPO with G = 8 and at least 8 steps: steps x prompts = 512
     at_least_8 = [(u, p) for u, p in grpo_ways if u >= 8]
     assert at_least_8 == [(8, 64), (16, 32), (32, 16), (64, 8), (128, 4), (256, 2), (512, 1)]
-    # the old comparison: ES 8 x 32 x 16 against GRPO 60 x 8 x 8
+    # the notebook's 16 prompts per update: 8 ES iterations, 32 GRPO steps; with 8 prompts per update
+    assert (dict((p, u) for u, p in es_ways)[16], dict((p, u) for u, p in grpo_ways)[16]) == (8, 32)
+    es_iters, grpo_steps = dict((p, u) for u, p in es_ways)[8], dict((p, u) for u, p in grpo_ways)[8]
+    assert (es_iters, grpo_steps) == (16, 64)
+    assert es_iters * n_es * 8 == grpo_steps * 8 * g == budget
+    # the old comparison: ES 8 x 32 x 16 = 4,096 against GRPO 60 x 8 x 8 = 3,840
     old_gap = 8 * 32 * 16 - 60 * 8 * 8
-    assert old_gap == 256  # ES had 6.25% more samples
-    print(f"exercise 4: ES {es_iters} updates, GRPO {grpo_steps} updates at {budget:,} samples; "
-          f"GRPO ways with >= 8 steps: {at_least_8}; the old budgets differed by {old_gap} samples")
+    assert old_gap == 256 and abs(old_gap / (60 * 8 * 8) - 1 / 15) < 1e-12  # ES had 6.7% more than GRPO
+    print(f"exercise 4: ES ways {es_ways}; GRPO ways with >= 8 steps: {at_least_8}; at 8 prompts per update "
+          f"ES makes {es_iters} updates, GRPO {grpo_steps}; the old budgets differed by {old_gap} samples "
+          f"({old_gap / (60 * 8 * 8):.1%} of GRPO's)")
 
 
 if __name__ == "__main__":
