@@ -134,23 +134,35 @@ def _note_dataclasses(module) -> None:
 _WATCHED = tuple(str(REPO_ROOT / d) + os.sep for d in WATCHED_DIRS)
 
 
-def _audit(event: str, args) -> None:
-    if event != "open" or not args:
-        return
-    path = args[0]
+def _watched(path) -> str | None:
+    """``path`` relative to the repository when it lies under a watched folder, else None."""
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    if not isinstance(path, str):
-        return  # a file descriptor
+    if not isinstance(path, (str, os.PathLike)):
+        return None  # a file descriptor
     path = os.path.abspath(path)
-    if not path.startswith(_WATCHED):
+    return os.path.relpath(path, REPO_ROOT) if path.startswith(_WATCHED) else None
+
+
+def _audit(event: str, args) -> None:
+    if event == "os.rename" and len(args) >= 2:
+        # an atomic write (a temporary file renamed over the target, os.replace too) writes its target:
+        # a run that reads back what it wrote itself does not depend on that file
+        target = _watched(args[1])
+        if target is not None:
+            _writes.add(target)
+        return
+    if event != "open" or not args:
+        return
+    path = _watched(args[0])
+    if path is None:
         return
     mode, flags = (args[1] if len(args) > 1 else None), (args[2] if len(args) > 2 else 0)
     if isinstance(mode, str):
         writing = any(ch in mode for ch in "wax+")
     else:
         writing = bool((flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-    (_writes if writing else _reads).add(os.path.relpath(path, REPO_ROOT))
+    (_writes if writing else _reads).add(path)
 
 
 # ------------------------------------------------------------------ start and dump

@@ -301,6 +301,25 @@ def test_a_subprocess_records_what_it_ran(tmp_path) -> None:
     assert {"esnb.noise:noise_correlation", "esnb.es:ESConfig", "esnb.es:ESConfig.__post_init__"} <= set(trace["units"])
 
 
+def test_a_file_written_by_rename_is_an_output_not_an_input(tmp_path) -> None:
+    # esnb's atomic writes rename a temporary file over the target; reading the target back later
+    # (a run loading its own checkpoint) must not make the run depend on it
+    work = Path(__file__).resolve().parents[1] / "runs" / f"_trace_test_{tmp_path.name}"
+    code = (f"import os, esnb\nfrom pathlib import Path\nd = Path({str(work)!r}); d.mkdir(parents=True, exist_ok=True)\n"
+            "(d / 'x.tmp').write_text('1')\nos.replace(d / 'x.tmp', d / 'x.json')\n(d / 'x.json').read_text()\n")
+    env = {**__import__("os").environ, "ESNB_TRACE_DIR": str(tmp_path)}
+    try:
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=tmp_path)
+        trace = provenance.merge_traces(tmp_path)
+        target = f"runs/{work.name}/x.json"
+        assert target in trace["writes"] and target not in trace["reads"]
+        assert provenance.input_files(trace["reads"], trace["writes"]) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_a_module_run_with_dash_m_records_what_it_ran(tmp_path) -> None:
     # runpy executes `python -m esnb.x` in its own globals, which the instrumenting loader never sees
     env = {**__import__("os").environ, "ESNB_TRACE_DIR": str(tmp_path)}
