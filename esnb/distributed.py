@@ -230,19 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
-    from .models import SHIPPED, ModelNotAvailable, load_model
-    from .tasks import get_task
+    from .models import ModelNotAvailable, load_model
 
-    options = dict(settings.get("task_options") or {})
-    if settings["task"].strip().lower() == "countdown" and settings["model"].strip().lower() in SHIPPED:
-        options.setdefault("prompt_style", "compact")
-    try:
-        task = get_task(settings["task"], **options)
-        train_items, test_items = ft.default_items(task)
-    except (ValueError, TypeError) as e:
-        ap.error(f"--task: {e}")
-    if len(train_items) < config.train_size:
-        ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
+    # the same task, options and puzzles as python -m esnb.finetune (--data and paper mode included)
+    task, train_items, test_items = ft.cli_task_and_items(ap, settings, config)
     try:
         model, tokenizer = load_model(settings["model"], device=device, dtype=config.dtype)
     except (ModelNotAvailable, OSError, ValueError) as e:

@@ -966,12 +966,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
-def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resuming: bool, config: FinetuneConfig,
-                 overwrite: bool) -> int:
-    if settings.get("threads"):
-        torch.set_num_threads(settings["threads"])
-
-    from .models import SHIPPED, ModelNotAvailable, load_model
+def cli_task_and_items(ap: argparse.ArgumentParser, settings: dict, config: FinetuneConfig) -> tuple[Any, list, list]:
+    """The task and its (train, test) items as the command line asks: ``--task`` with its options,
+    paper mode's task options for Countdown, the compact prompt for the shipped models, and
+    ``--data`` (the paper's countdown.json) when given. ``python -m esnb.finetune`` and ``torchrun
+    -m esnb.distributed`` both build their run with it, so they train on the same puzzles. A bad
+    option or data file stops with ``ap.error`` naming the flag, before any model is loaded."""
+    from .models import SHIPPED
     from .tasks import get_task
 
     options = dict(settings.get("task_options") or {})
@@ -999,6 +1000,17 @@ def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resumin
         ap.error(f"--{'data' if settings.get('data') else 'task'}: {str(e).splitlines()[0][:300]}")
     if len(train_items) < config.train_size:
         ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
+    return task, train_items, test_items
+
+
+def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resuming: bool, config: FinetuneConfig,
+                 overwrite: bool) -> int:
+    if settings.get("threads"):
+        torch.set_num_threads(settings["threads"])
+
+    from .models import ModelNotAvailable, load_model
+
+    task, train_items, test_items = cli_task_and_items(ap, settings, config)
     try:
         model, tokenizer = load_model(settings["model"], device=config.device, dtype=config.dtype)
     except (ModelNotAvailable, OSError, ValueError) as e:

@@ -113,3 +113,34 @@ def test_torchrun_two_processes_bit_identical_to_one(tmp_path):
 
     base, _ = load_model("tiny", device="cpu", dtype="fp32")
     assert any(not torch.equal(p.detach(), a[n]) for n, p in base.named_parameters() if n in a)
+
+
+def _paper_like_file(path, target="7777"):
+    """2,200 puzzles in the paper's schema (the first 200 train, the last 2,000 test), every test
+    target set to ``target`` so a prompt shows which file it came from."""
+    from esnb.tasks import countdown as cd
+
+    train, test = cd.load_split()
+    pool = train + test
+    items = [{"id": i, "numbers": list(pool[i % len(pool)]["numbers"]),
+              "target": str(pool[i % len(pool)]["target"]) if i < 200 else target} for i in range(2200)]
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_distributed_trains_on_the_data_file_and_refuses_a_bad_one(tmp_path, monkeypatch, capsys):
+    """torchrun -m esnb.distributed reads --data as python -m esnb.finetune does (it once trained on
+    the shipped puzzles whatever --data said); a missing file stops before any model is loaded."""
+    from esnb import distributed
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    small = ["--model", "tiny", "--task", "countdown", "--iterations", "1", "--population", "2", "--train-size", "2",
+             "--test-size", "2", "--eval-every", "0", "--max-new-tokens", "8", "--threads", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as stop:
+        distributed.main([*small, "--data", str(tmp_path / "missing.json"), "--output", str(tmp_path / "bad")])
+    assert stop.value.code == 2 and "--data" in capsys.readouterr().err
+    data = _paper_like_file(tmp_path / "countdown.json")
+    assert distributed.main([*small, "--data", str(data), "--output", str(tmp_path / "run")]) == 0
+    prompts = [json.loads(x)["prompt"] for x in (tmp_path / "run" / "samples_before.jsonl").read_text().splitlines() if x.strip()]
+    assert prompts and all("7777" in p for p in prompts)  # the held-out items are the file's last 2,000
