@@ -293,8 +293,13 @@ _TRL_LOGS = {"loss": "loss", "kl": "kl", "grad_norm": "grad_norm", "entropy": "e
 def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
                test_items: Sequence[Any] | None = None, config: GRPORunConfig | None = None,
                output_dir: str | os.PathLike | None = None,
-               callback: Callable[[GRPOResult], None] | None = None) -> GRPOResult:
+               callback: Callable[[GRPOResult], None] | None = None, overwrite: bool = False) -> GRPOResult:
     """Train ``model`` with GRPO on ``task`` (in place) and evaluate it on ``test_items``.
+
+    ``output_dir`` must be new or empty (a run, a model or anything else there is never written
+    over) unless ``overwrite=True``; it is locked while the run lasts (:class:`esnb.runlog.RunLock`:
+    a second run on the same folder raises :class:`esnb.runlog.RunLocked`), and every file is
+    written atomically, so a killed run leaves whole files or none.
 
     ``train_items`` are the prompts GRPO samples from (cycled, shuffled with ``config.seed``);
     ``test_items`` are only ever evaluated greedily, before training, every ``eval_every`` steps
@@ -304,6 +309,28 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     ``samples_before.jsonl``, ``samples_after.jsonl``, ``summary.json`` and ``final/`` (model and
     tokenizer in Hugging Face format, ``from_pretrained(DIR / "final")``).
     """
+    if output_dir is None:
+        return _train_grpo(model, tokenizer, task, train_items, test_items, config, None, callback)
+    from .runlog import LOCK, RunLock
+
+    out = Path(output_dir)
+    lock = RunLock(out)
+    lock.acquire()  # before looking inside: two runs on one folder cannot both pass the check
+    try:
+        foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK]
+        if foreign and not overwrite:
+            raise FileExistsError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                                  "a GRPO run never writes over a run, a model or other files; choose a new or empty "
+                                  "folder, or pass overwrite=True")
+        return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback)
+    finally:
+        lock.release()
+
+
+def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
+                test_items: Sequence[Any] | None, config: GRPORunConfig | None, output_dir: Path | None,
+                callback: Callable[[GRPOResult], None] | None) -> GRPOResult:
+    """:func:`train_grpo` once its output folder, if any, is checked and locked."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -497,9 +524,17 @@ def _install_reference(trainer: Any, ref_copy: Any, beta: float) -> None:
 
 
 def _jsonl(path: Path, rows: Sequence[dict]) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=_json_default) + "\n")
+    from .runlog import _atomic_write
+
+    data = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _json_file(path: Path, obj: Any) -> None:
+    from .runlog import _atomic_write
+
+    data = (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _json_default(o: Any):
@@ -533,8 +568,8 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
     model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
     meta = {"grpo": result.config.to_dict(), "model": model_id, "peak_rss": result.peak_rss,
             "cuda_peak": result.cuda_peak, "state_bytes": result.state_bytes}
-    (out / "config.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-    (out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=_json_default) + "\n")
+    _json_file(out / "config.json", meta)
+    _json_file(out / "summary.json", result.summary())
     return out
 
 

@@ -254,3 +254,50 @@ def test_token_embedding_shifts_single_out_the_tokens_that_moved():
     assert list(table.columns) == ["token", "change / median row"] and len(table) == 3
     assert table["token"].iloc[0] == "<answer>" and table["change / median row"].iloc[0] > 20
     assert table["change / median row"].iloc[1] < 2
+
+
+def test_an_output_folder_that_is_not_empty_is_never_written_over(trained, tmp_path):
+    """A finished GRPO run, a model folder or any other files: refused before any training,
+    each file left as it was; overwrite=True is the explicit way to reuse a folder."""
+    import shutil
+
+    from esnb.models import TINY_DIR
+
+    out = trained[3]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    model_dir = shutil.copytree(TINY_DIR, tmp_path / "a_model")
+    cfg = GRPORunConfig(steps=1, num_generations=2, prompts_per_step=2, eval_every=0, progress=False)
+    for folder in (out, model_dir):
+        model, tok = fresh_model()
+        with pytest.raises(FileExistsError, match="not empty"):
+            train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=folder)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (model_dir / "log.jsonl").exists()
+    model, tok = fresh_model()
+    res = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=model_dir, overwrite=True)
+    assert load_result(model_dir).config == res.config
+
+
+def test_a_run_folder_locked_by_another_process_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from esnb.runlog import RunLocked
+
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib; from esnb.runlog import RunLock\n"
+        f"RunLock(pathlib.Path({str(tmp_path / 'run')!r})).acquire()\n"
+        f"pathlib.Path({str(ready)!r}).write_text('1'); time.sleep(60)\n")])
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            __import__("time").sleep(0.05)
+        model, tok = fresh_model()
+        cfg = GRPORunConfig(steps=1, num_generations=2, prompts_per_step=2, eval_every=0, progress=False)
+        with pytest.raises(RunLocked):
+            train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()
