@@ -242,6 +242,18 @@ def test_missing_file_is_a_clear_error(tmp_path):
         cd.load_puzzles(tmp_path / "nope.jsonl")
 
 
+def test_a_device_a_folder_or_a_huge_file_is_refused_before_reading(tmp_path, monkeypatch):
+    # --data /dev/zero used to be read until memory ran out
+    for path in ("/dev/zero", tmp_path):
+        with pytest.raises(ValueError, match="not a regular file"):
+            cd.load_puzzles(path)
+    big = tmp_path / "big.json"
+    big.write_text("[]")
+    monkeypatch.setattr(cd, "MAX_PUZZLE_FILE_BYTES", 1)
+    with pytest.raises(ValueError, match="bytes, more than"):
+        cd.load_puzzles(big)
+
+
 # --------------------------------------------------------------------------- task and prompts
 
 def test_task_protocol_and_prompt_styles():

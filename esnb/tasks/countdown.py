@@ -23,6 +23,7 @@ import json
 import math
 import random
 import re
+import stat
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -565,6 +566,9 @@ def _check_item(item: Any, where: str) -> dict:
     return out
 
 
+MAX_PUZZLE_FILE_BYTES = 256 * 2**20
+
+
 def load_puzzles(path: str | Path) -> list[dict]:
     """Read puzzles from a JSON list or a JSONL file in the paper's schema.
 
@@ -575,6 +579,12 @@ def load_puzzles(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero or a pipe would be read until memory runs out
+            raise ValueError(f"{path}: not a regular file, so it cannot hold puzzles")
+        if info.st_size > MAX_PUZZLE_FILE_BYTES:
+            raise ValueError(f"{path}: {info.st_size:,} bytes, more than the {MAX_PUZZLE_FILE_BYTES:,} a puzzle "
+                             f"file may have (the paper's countdown.json is about 1 MB)")
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read puzzles ({e.strerror or e})") from None
