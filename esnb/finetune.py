@@ -402,6 +402,35 @@ def _model_name(model) -> str | None:
         return str(name)
 
 
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def prompt_fingerprint(task: Any, tokenizer: Any, train_items: Sequence[Any], test_items: Sequence[Any]) -> dict:
+    """What a run's puzzles and prompts were: a hash of all its training prompts, in order, and one
+    hash per held-out prompt for the first 8 (the held-out count may change on resume). Stored in
+    ``config.json``; a resume whose prompts differ (another ``--data`` file, another prompt style)
+    is refused instead of silently training on other puzzles."""
+    prompts = [task.prompt(x, tokenizer) for x in train_items]
+    return {"train": _short_hash(json.dumps([str(p) for p in prompts])), "n_train": len(prompts),
+            "test_first": [_short_hash(str(task.prompt(x, tokenizer))) for x in test_items[:8]]}
+
+
+def _check_resume_prompts(saved: dict | None, now: dict, where: Path) -> None:
+    if not saved:  # a run saved before fingerprints
+        return
+    if (saved.get("train"), saved.get("n_train")) != (now["train"], now["n_train"]):
+        raise ValueError(f"{where}: cannot resume: the training prompts differ from the run's (another data file, "
+                         f"task option or prompt style?); resume with the settings the run was made with")
+    old, new = saved.get("test_first") or [], now["test_first"]
+    k = min(len(old), len(new))
+    if old[:k] != new[:k]:
+        raise ValueError(f"{where}: cannot resume: the held-out prompts differ from the run's, so its evaluations "
+                         f"would mix two test sets; resume with the settings the run was made with")
+
+
 def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
     diffs = [f"{k}: {saved[k]!r} in the run, {v!r} now" for k, v in config.to_dict().items()
              if k not in _RESUMABLE and k in saved and saved[k] != v]
@@ -538,10 +567,13 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
                 ckpt = None
                 print(f"note: {ckpt_path} is damaged ({type(e).__name__}); rebuilding the weights from the "
                       f"seed log instead", file=sys.stderr)
+        fingerprint = prompt_fingerprint(task, tokenizer, train_items, test_items)
         if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
             # a run saved before the ``seeds`` field drew esnb's seeds: resuming it needs seeds="esnb"
-            saved_cfg = {"seeds": "esnb", **read_run_config(out).get("finetune", {})}
+            saved_meta = read_run_config(out)
+            saved_cfg = {"seeds": "esnb", **saved_meta.get("finetune", {})}
             _check_resume_config(saved_cfg, config, out / "config.json")
+            _check_resume_prompts(saved_meta.get("prompts"), fingerprint, out / "config.json")
             if ckpt is not None:
                 es.load_state_dict(ckpt["es"])
                 elapsed, samples = float(ckpt["seconds"]), int(ckpt["samples"])
@@ -567,6 +599,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             # the settings that may change (iterations, evaluation) are updated in config.json
             meta = read_run_config(out)
             meta["finetune"] = config.to_dict()
+            meta.setdefault("prompts", fingerprint)  # a run from before fingerprints gets one now
             meta.update(metadata or {})
             write_json(out / "config.json", meta)
         else:
@@ -579,7 +612,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
                                       f"or pass overwrite=True")
             meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
                     "task_repr": repr(task), "max_new_tokens": max_new, "model": _model_name(model),
-                    **(metadata or {})}
+                    "prompts": fingerprint, **(metadata or {})}
             if config.save_initial:
                 runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
             else:

@@ -134,6 +134,25 @@ def test_resume_refuses_different_settings(tokenizer, tmp_path):
                  progress=False)
 
 
+def test_resume_refuses_other_puzzles_or_prompts(tokenizer, tmp_path):
+    """A resume that would train on other puzzles (another --data file, another prompt style) or
+    evaluate other held-out ones is refused; the same prompts resume, a smaller test_size too."""
+    _run(tokenizer, tmp_path / "run", torch.float32, 2)
+    cfg = FinetuneConfig(population_size=6, sigma=0.1, alpha=0.2, iterations=3, train_size=8, batch_size=4,
+                         eval_every=2, checkpoint_every=2, seed=7)
+    other_train = [{"p": f"{i} {5 * i}>"} for i in range(8)]
+    with pytest.raises(ValueError, match="training prompts differ"):
+        finetune(_model(tokenizer), tokenizer, DigitTask(), other_train, TEST, cfg, output_dir=tmp_path / "run",
+                 resume=True, progress=False)
+    with pytest.raises(ValueError, match="held-out prompts differ"):
+        finetune(_model(tokenizer), tokenizer, DigitTask(), TRAIN, TEST[::-1], cfg, output_dir=tmp_path / "run",
+                 resume=True, progress=False)
+    fewer = FinetuneConfig(**{**cfg.to_dict(), "test_size": 4})
+    res = finetune(_model(tokenizer), tokenizer, DigitTask(), TRAIN, TEST, fewer, output_dir=tmp_path / "run",
+                   resume=True, progress=False)
+    assert res.resumed_from == 2 and len(res.log_rows) == 3
+
+
 def test_saved_model_reloads_with_identical_logits(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
