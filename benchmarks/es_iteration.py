@@ -17,6 +17,11 @@ the medians are printed, and the ratios are what count on a shared machine.
   esnb's greedy decoder, restore by copy, update from regenerated noise. With the default
   ``population_batch="auto"`` a small model is decoded population-batched (esnb.population); the
   per-member engine is timed too.
+* **engine, no noise cache, one noise thread**: the same engine as it was before noise drawing
+  was spread over threads and cached (``noise_cache=0``, ``workers=1``), so that the gain is
+  measured side by side; and **engine, table noise**: ``noise="table"`` (slices of one shared
+  table instead of draws; other noise, so other numbers, see ``esnb.noise.NoiseTable``). Both are
+  timed only for models of at least ``esnb.noise.PARALLEL_NOISE_MIN`` parameters, where they differ.
 * **full-rank limit**: N separate batched generations of the same prompts with esnb's decoder,
   no ES work at all (no noise, no update): what any full-rank ES that decodes member by member
   pays at least.
@@ -46,7 +51,7 @@ import esnb.population as population
 from esnb.es import ES, ESConfig, zscore
 from esnb.generation import _encode_prompts, generate
 from esnb.models import load_model
-from esnb.noise import stream_seed
+from esnb.noise import PARALLEL_NOISE_MIN, stream_seed
 from esnb.tasks import get_task
 
 DEFAULTS = {  # model -> (N, prompts, max new tokens, dtype, repetitions, sigma, task)
@@ -138,15 +143,22 @@ def main(argv=None) -> int:
           f"absolute times are inflated, compare the ratios)")
 
     es = ES(model, ESConfig(population_size=n, sigma=sigma, alpha=args.alpha, seed=0))
+    large = n_params >= PARALLEL_NOISE_MIN
+    if large:  # the engine as it was: noise drawn on the calling thread, twice per member
+        es_before = ES(model, ESConfig(population_size=n, sigma=sigma, alpha=args.alpha, seed=0), noise_cache=0)
+        es_before.params.workers = 1
+        es_table = ES(model, ESConfig(population_size=n, sigma=sigma, alpha=args.alpha, seed=0, noise="table"))
     times: dict[str, list[float]] = {}
     distinct: list[int] = []
 
-    def engine(choice):
+    def engine(choice, which=None):
         def run():
-            rewards, _ = ft.score_members(es, es.ask(), model, tok, task, prompts, items, max_new,
+            e = which or es
+            e.params.sync()  # each ES object holds its own master: start from its weights
+            rewards, _ = ft.score_members(e, e.ask(), model, tok, task, prompts, items, max_new,
                                           batch_size=len(prompts), population_batch=choice)
             distinct.append(len(set(rewards)))
-            es.tell(rewards)
+            e.tell(rewards)
             return rewards
         return run
 
@@ -166,9 +178,15 @@ def main(argv=None) -> int:
                      "full-rank limit": limit, "shared-weights batch": shared}
     if batched:
         items_to_time["engine, population-batched"] = engine(True)
+    if large:
+        items_to_time["engine, no noise cache, one noise thread"] = engine(False, es_before)
+        items_to_time["engine, table noise"] = engine(False, es_table)
     names = list(items_to_time)
-    # warm-up, not timed (allocations, lazy imports)
+    # warm-up, not timed (allocations, lazy imports, the noise cache's first touch of its memory)
     engine(batched)()
+    if large:
+        engine(False, es_before)()
+        engine(False, es_table)()
     reference_iteration(model, tok, task, prompts[:2], items[:2], [1], sigma, 0.0, 4)
     es.params.sync()
     distinct.clear()
@@ -196,6 +214,12 @@ def main(argv=None) -> int:
         print(f"  vs {name:22s} {med[name] / e:.2f}x")
     if batched:
         print(f"  (per-member engine vs paper-style loop: {med['paper-style loop'] / med['engine, per member']:.2f}x)")
+    if large:
+        for name in ("engine, no noise cache, one noise thread", "engine, table noise"):
+            print(f"  {name}: {med['paper-style loop'] / med[name]:.2f}x the paper-style loop, "
+                  f"{med['full-rank limit'] / med[name]:.2f}x the full-rank limit")
+        print(f"  noise cache held {es.params.noise_cache_bytes / 2**20:.0f} MiB; noise drawn on "
+              f"{es.params._workers()} thread(s)")
     print(f"RATIO engine vs paper-style loop {med['paper-style loop'] / e:.2f}x ({args.model}, N={n}, {n_prompts} prompts, "
           f"{max_new} tokens, {dtype}, {threads} thread(s))")
     return 0

@@ -20,7 +20,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODES = ("loaded", "inference", "es", "grpo")
+MODES = ("loaded", "inference", "es", "es+cache", "grpo")
 
 
 def _peak_mib() -> float:
@@ -51,11 +51,13 @@ def child(mode: str, model_name: str, dtype: str, prompts: int, max_new: int, po
     if mode == "inference":
         generate(model, tok, [task.prompt(it, tok) for it in train], max_new_tokens=max_new,
                  stop_strings=task.stop_strings, batch_size=prompts)
-    elif mode == "es":
+    elif mode in ("es", "es+cache"):
+        # "es": the memory trick as taught (one model + master copy + one tensor of noise);
+        # "es+cache": esnb's default, which keeps members' noise when memory allows (a speed trade)
         cfg = FinetuneConfig(population_size=population, iterations=2, train_size=prompts, test_size=4,
                              eval_every=0, checkpoint_every=0, max_new_tokens=max_new, gen_batch_size=prompts,
                              save_final=False)
-        finetune(model, tok, task, train, test, cfg, progress=False)
+        finetune(model, tok, task, train, test, cfg, progress=False, noise_cache=0 if mode == "es" else "auto")
     elif mode == "grpo":
         cfg = GRPORunConfig(steps=2, num_generations=population, prompts_per_step=max(1, prompts // population),
                             max_new_tokens=max_new, eval_every=0, threads=threads, progress=False)

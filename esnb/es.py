@@ -230,6 +230,18 @@ def make_optimizer(config: ESConfig) -> SGD | Adam:
 
 # ---------------------------------------------------------------- the optimizer
 
+class _NormSum:
+    """Sum of squares of the update's tensors, added on one thread in tensor order (a float32 dot
+    per tensor: plenty for a logged norm, no copy), so the logged norm does not depend on threads."""
+
+    def __init__(self) -> None:
+        self.sq = 0.0
+
+    def add(self, index: int, step: torch.Tensor) -> None:
+        flat = step.reshape(-1)
+        self.sq += float(torch.dot(flat, flat))
+
+
 @dataclass(frozen=True)
 class Member:
     """One population member: its noise is ``sign * eps(seed)``."""
@@ -257,10 +269,14 @@ class ES:
     """
 
     def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], config: ESConfig | None = None,
-                 master_device: str | torch.device | None = None):
+                 master_device: str | torch.device | None = None, noise_cache: int | str | None = "auto"):
+        """``noise_cache``: keep each member's noise from its perturbation to the update instead of
+        drawing it again (bytes, ``"auto"`` or ``0``; see :meth:`esnb.noise.ParameterSet.cache_noise`:
+        the same numbers either way, only time and memory change)."""
         self.config = config or ESConfig()
         self.params = ParameterSet(params, master_device=master_device, noise=self.config.noise,
                                    precision=self.config.precision)
+        self.params.cache_noise(noise_cache)
         self.optimizer = make_optimizer(self.config)
         self.iteration = 0
         self.history: list[dict] = []
@@ -270,6 +286,7 @@ class ES:
     def ask(self) -> list[Member]:
         """The members of the current iteration (same answer until ``tell``)."""
         if self._members is None:
+            self.params.clear_noise_cache()  # a new iteration: the last one's noise is not needed again
             cfg = self.config
             if cfg.antithetic:
                 seeds = iteration_seeds(cfg.seed, self.iteration, cfg.population_size // 2)
@@ -349,20 +366,25 @@ class ES:
             coef[s] = coef.get(s, 0.0) + sg * w
         if isinstance(self.optimizer, Adam):
             self.optimizer.begin()
-        sq = 0.0
-        for i, master in enumerate(self.params.master):
+        ps, cfg = self.params, self.config
+
+        def update(i: int) -> torch.Tensor:
+            master = ps.master[i]
             grad = torch.zeros_like(master)
             for s, c in coef.items():
                 if c != 0.0:
-                    grad.add_(self.params.noise(s, i), alpha=c / n)
+                    grad.add_(ps.eps(s, i), alpha=c / n)
             step = self.optimizer.step(i, grad)
-            if self.config.weight_decay:
-                step = step - self.config.alpha * self.config.weight_decay * master
+            if cfg.weight_decay:
+                step = step - cfg.alpha * cfg.weight_decay * master
             master.add_(step)
-            flat = step.reshape(-1)
-            sq += float(torch.dot(flat, flat))  # the logged norm; float32 is plenty and needs no copy
-        self.params.sync()
-        return math.sqrt(sq)
+            return step
+
+        norm = _NormSum()
+        ps.for_each_tensor(update, norm.add)
+        ps.clear_noise_cache()
+        ps.sync()
+        return math.sqrt(norm.sq)
 
     @torch.no_grad()
     def _apply_update_paper(self, seeds: Sequence[int], signs: Sequence[int], weights: Sequence[float]) -> float:
@@ -372,17 +394,22 @@ class ES:
 
         (every product and sum rounded to the model's dtype, as its code does)."""
         n = len(seeds)
-        sq = 0.0
-        for i, p in enumerate(self.params.master):  # with precision="paper" these are the model's tensors
-            update = torch.zeros_like(p)
+        ps = self.params
+
+        def update(i: int) -> torch.Tensor:
+            p = ps.master[i]  # with precision="paper" these are the model's tensors
+            acc = torch.zeros_like(p)
             for s, sg, w in zip(seeds, signs, weights):
-                update.add_(self.params.noise(s, i).mul_(float(sg * w)))
-            update.div_(n)
-            step = self.optimizer.step(i, update)  # SGD: alpha * update, rounded to the dtype
+                acc.add_(ps.scaled_noise(s, i, float(sg * w)))
+            acc.div_(n)
+            step = self.optimizer.step(i, acc)  # SGD: alpha * update, rounded to the dtype
             p.add_(step)
-            flat = step.reshape(-1).float()
-            sq += float(torch.dot(flat, flat))
-        return math.sqrt(sq)
+            return step.float()
+
+        norm = _NormSum()
+        ps.for_each_tensor(update, norm.add)
+        ps.clear_noise_cache()
+        return math.sqrt(norm.sq)
 
     def step(self, fitness: Callable) -> dict:
         """One iteration. ``fitness`` takes an (N, D) population for a tensor, or nothing for a module
@@ -452,6 +479,7 @@ class PaperSeedsES(ES):
 
     def ask(self) -> list[Member]:
         if self._members is None:
+            self.params.clear_noise_cache()  # a new iteration: the last one's noise is not needed again
             cfg = self.config
             cache = getattr(self, "_paper_rng", None)  # (next iteration, its RandomState): one draw per iteration
             count = cfg.population_size // 2 if cfg.antithetic else cfg.population_size

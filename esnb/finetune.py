@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ._cpu import share_cores
 from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import evaluate, generate
 from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, _atomic_write, load_checkpoint, match_umask, read_log,
@@ -506,7 +507,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
              test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
              output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
              resume: bool = False, overwrite: bool = False, progress: bool = True,
-             metadata: dict | None = None, population_evaluator: Callable | None = None) -> FinetuneResult:
+             metadata: dict | None = None, population_evaluator: Callable | None = None,
+             noise_cache: int | str | None = "auto") -> FinetuneResult:
     """ES fine-tuning of ``model`` (in place) on ``task``; returns a :class:`FinetuneResult`.
 
     ``train_items``/``test_items``: task items (``None``: :func:`default_items`). Only the first
@@ -527,6 +529,9 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     ``callback(result)`` is called after every iteration and every held-out evaluation (use it
     for live curves: ``esnb.plots.LiveCurves``). ``progress``: tqdm bars.
 
+    ``noise_cache``: bytes (or ``"auto"``, or 0) for keeping each member's noise from its
+    perturbation to the update (:meth:`esnb.noise.ParameterSet.cache_noise`): time, not results;
+    ``"auto"`` uses it for models of 20M parameters or more where a quarter of the free memory holds it.
     ``population_evaluator``: replaces :func:`score_members` as the function that scores a
     population (same signature); :mod:`esnb.distributed` passes one that spreads the members over
     processes and gathers their rewards.
@@ -545,7 +550,8 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
     model = _prepare_model(model, config)
-    es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es_config(), master_device=config.master_device)
+    es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es_config(), master_device=config.master_device,
+                                                            noise_cache=noise_cache)
     result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
 
     out = Path(output_dir) if output_dir is not None else None
@@ -675,9 +681,10 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             idx = batch_indices(config.seed, it, config.train_size, config.batch_size)
             prompts = [train_prompts[i] for i in idx]
             items = [train_items[i] for i in idx]
-            rewards, accs = score_population(es, es.ask(), model, tokenizer, task, prompts, items,
-                                             max_new_tokens=max_new, batch_size=config.gen_batch_size)
-            entry = es.tell(rewards)
+            with share_cores():  # fewer threads while another process holds a core (esnb._cpu)
+                rewards, accs = score_population(es, es.ask(), model, tokenizer, task, prompts, items,
+                                                 max_new_tokens=max_new, batch_size=config.gen_batch_size)
+                entry = es.tell(rewards)
             samples += len(prompts) * len(rewards)
             dt = time.perf_counter() - t0
             elapsed += dt

@@ -20,11 +20,10 @@ SMALL_MODEL = 20_000_000  # parameters; below this, generation runs on one CPU t
 
 
 def _machine_busy() -> bool:
-    """True when the 1-minute load average already fills every core."""
-    try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except (AttributeError, OSError):  # not available on every platform
-        return False
+    """True when other processes hold at least one of the cores (:func:`esnb._cpu.free_cores`)."""
+    from ._cpu import free_cores
+
+    return free_cores() < (os.cpu_count() or 1)
 
 
 def _auto_threads(model: Any, threads: int | None) -> int | None:

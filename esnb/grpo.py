@@ -337,6 +337,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
+    from ._cpu import free_cores
     from .generation import _split_stops, _truncate, evaluate
 
     from .finetune import resolve_items
@@ -391,7 +392,16 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     prev: dict[str, torch.Tensor] = {}
     bar = None
 
+    threads = {"base": torch.get_num_threads()}
+
     class _Log(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            # fewer threads while another process holds a core (esnb._cpu): a step otherwise waits
+            # for the thread that shares that core at every parallel region
+            n = max(1, min(threads["base"], free_cores()))
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+
         def on_train_begin(self, args, state, control, **kw):
             nonlocal bar
             if config.progress:
@@ -443,6 +453,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
                         result.log_rows[-1][name] = float(logs[k])
 
         def on_train_end(self, args, state, control, **kw):
+            torch.set_num_threads(threads["base"])
             if bar is not None:
                 bar.close()
 
@@ -498,6 +509,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
         result.state_bytes = training_state_bytes(model, trainer.optimizer,
                                                   getattr(trainer, "ref_model", None))
     finally:
+        torch.set_num_threads(threads["base"])  # also when training stopped with an error
         gen_cfg.eos_token_id = saved_eos
         hf_logging.set_verbosity(verbosity)
         if not had_forward and "forward" in vars(model):

@@ -20,11 +20,21 @@ Memory (P = number of parameters, b = bytes per working element, 2 for bf16, 4 f
 
 A bf16 model of P parameters therefore needs ``2P + 4P`` bytes plus one layer, against
 ``2P + N*4P`` if N noise vectors were stored.
+
+Trading memory back for time (:meth:`ParameterSet.cache_noise`): on a CPU, drawing a member's
+noise costs about as much as decoding with it (SmolLM2-135M: ~0.35 s a member on one core), and
+the update draws it a second time. Where memory allows, esnb keeps each member's noise from its
+perturbation to the update (``ES(noise_cache="auto")``: models of 20M parameters or more, up to a
+quarter of the available memory) and draws a member's tensors on all of torch's threads. Both
+leave every number unchanged; ``noise_cache=0`` gives back the memory figures above.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -149,17 +159,42 @@ def shared_table(device: str | torch.device = "cpu") -> NoiseTable:
     return table
 
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+_LOCAL = threading.local()
 
 
 def _generator(device: torch.device) -> torch.Generator:
-    # One generator per device, re-seeded per tensor: creating a Generator costs more than
-    # seeding one, and this is called N x (number of tensors) times per iteration.
-    gen = _GENERATORS.get(device)
+    # One generator per device and thread, re-seeded per tensor: creating a Generator costs more
+    # than seeding one, and this is called N x (number of tensors) times per iteration; one per
+    # thread so that tensors can be drawn in parallel (each draw is seeded, so the numbers are the
+    # same whichever thread draws them).
+    gens = getattr(_LOCAL, "generators", None)
+    if gens is None:
+        gens = _LOCAL.generators = {}
+    gen = gens.get(device)
     if gen is None:
-        gen = torch.Generator(device=device)
-        _GENERATORS[device] = gen
+        gen = gens[device] = torch.Generator(device=device)
     return gen
+
+
+# Below this many parameters, per-tensor work runs on the calling thread: the tensors are too small
+# for a second thread to pay for itself. Above it, drawing noise dominates an ES iteration on a CPU
+# (PyTorch's CPU generator draws on one core), so tensors are drawn on all of torch's threads.
+PARALLEL_NOISE_MIN = 20_000_000
+# The noise cache (see ParameterSet.cache_noise) may use at most this share of the memory the
+# operating system reports as available when "auto" picks its size.
+CACHE_SHARE_OF_AVAILABLE = 0.25
+
+
+def available_memory() -> int | None:
+    """Bytes the operating system reports as available (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype | None = None,
@@ -223,7 +258,7 @@ class ParameterSet:
     """
 
     def __init__(self, params: nn.Module | torch.Tensor | Iterable[torch.Tensor], master_device: str | torch.device | None = None,
-                 noise: str = "independent", precision: str = "master"):
+                 noise: str = "independent", precision: str = "master", workers: int | None = None):
         if noise not in NOISE_SOURCES:
             raise ValueError(f"noise: expected one of {NOISE_SOURCES}, got {noise!r}")
         if precision not in PRECISIONS:
@@ -242,19 +277,164 @@ class ParameterSet:
                 p.detach().to(device=master_device or p.device, dtype=_master_dtype(p.dtype), copy=True) for p in self.params
             ]
         self.perturbed_by: tuple[int, float] | None = None
-        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._local = threading.local()  # per-thread scratch buffers
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache: dict[int, int] = {}  # member seed -> its slot in _slots
+        self._slots: list[tuple[list[torch.Tensor], list[bool]]] = []  # (noise per tensor, drawn yet?)
+        self._cache_budget = 0  # bytes; 0 = no cache
+
+    # -- noise -----------------------------------------------------------------------------
+    def _buffer(self, index: int, slot: str = "noise") -> torch.Tensor:
+        """A per-thread reused buffer shaped like master tensor ``index`` (valid until this thread's
+        next call for the same slot): drawing into memory that is already mapped is about a third
+        faster on a CPU than allocating each noise tensor anew."""
+        m = self.master[index]
+        bufs = getattr(self._local, "buffers", None)
+        if bufs is None:
+            bufs = self._local.buffers = {}
+        key = (slot, m.dtype, m.device)
+        buf = bufs.get(key)
+        if buf is None:
+            size = max(x.numel() for x in self.master if (x.dtype, x.device) == (m.dtype, m.device))
+            buf = bufs[key] = torch.empty(size, dtype=m.dtype, device=m.device)
+        return buf[:m.numel()].view(m.shape)
+
+    def eps(self, seed: int, index: int, keep: bool = False) -> torch.Tensor:
+        """The noise of (seed, tensor ``index``), read-only: the cached tensor when the member's
+        noise is cached, else drawn into this thread's buffer (valid until its next call), and
+        with ``keep`` cached where :meth:`cache_noise` leaves room. Do not modify it;
+        :meth:`noise` gives a copy that may be."""
+        slot = self._cache.get(seed)
+        if slot is None and keep:
+            slot = self._take_slot(seed)
+        if slot is None:
+            return noise_into(self._buffer(index), seed, index, self.noise_source)
+        views, filled = self._slots[slot]
+        if not filled[index]:
+            noise_into(views[index], seed, index, self.noise_source)
+            filled[index] = True
+        return views[index]
+
+    def _take_slot(self, seed: int) -> int | None:
+        """A cache slot (one member's noise, in the master's shapes) for ``seed``, or ``None`` when
+        the budget is used up. Slots are kept and reused from one iteration to the next: fresh
+        memory costs a page fault per page on first use, a reused slot does not."""
+        with self._cache_lock:
+            if seed in self._cache:
+                return self._cache[seed]
+            used = set(self._cache.values())
+            free = [k for k in range(len(self._slots)) if k not in used]
+            if not free:
+                if (len(self._slots) + 1) * self.master_bytes_total > self._cache_budget:
+                    return None
+                views = []
+                for m in self.master:
+                    views.append(torch.empty_like(m))
+                self._slots.append((views, [False] * len(self.master)))
+                free = [len(self._slots) - 1]
+            k = free[0]
+            self._slots[k] = (self._slots[k][0], [False] * len(self.master))
+            self._cache[seed] = k
+            return k
+
+    def scaled_noise(self, seed: int, index: int, factor: float, keep: bool = False) -> torch.Tensor:
+        """``factor * eps(seed, index)`` in a per-thread buffer the caller may modify (the noise's own
+        buffer when it is not cached: one noise-sized buffer per thread, as without a cache)."""
+        e = self.eps(seed, index, keep=keep)
+        if seed in self._cache:
+            return torch.mul(e, factor, out=self._buffer(index, "scaled"))
+        return e.mul_(factor)
 
     def noise(self, seed: int, index: int) -> torch.Tensor:
-        """The noise of (seed, tensor ``index``), as :func:`noise_like` of the master tensor, but
-        written into one reused buffer (valid until the next call): drawing into memory that is
-        already mapped is about a third faster on a CPU than allocating each noise tensor anew."""
-        m = self.master[index]
-        key = (m.dtype, m.device)
-        buf = self._scratch.get(key)
-        if buf is None:
-            size = max(x.numel() for x in self.master if (x.dtype, x.device) == key)
-            buf = self._scratch[key] = torch.empty(size, dtype=m.dtype, device=m.device)
-        return noise_into(buf[:m.numel()].view(m.shape), seed, index, self.noise_source)
+        """The noise of (seed, tensor ``index``), as :func:`noise_like` of the master tensor, in a
+        per-thread reused buffer (valid until the next call) that the caller may modify."""
+        if seed in self._cache:
+            return self._buffer(index).copy_(self.eps(seed, index))
+        return noise_into(self._buffer(index), seed, index, self.noise_source)
+
+    _cache_lock = threading.Lock()
+
+    @property
+    def master_bytes_total(self) -> int:
+        """Bytes of one member's noise (the master's shapes and dtype)."""
+        return sum(m.numel() * m.element_size() for m in self.master)
+
+    def cache_noise(self, budget: int | str | None) -> int:
+        """Keep each member's noise between perturb, restore and update, up to ``budget`` bytes
+        (``"auto"``: up to a quarter of the available memory, shared by the processes of a
+        ``torchrun``, for models of at least :data:`PARALLEL_NOISE_MIN` parameters and drawn noise;
+        ``0``/``None``: off). The numbers are the same as
+        without the cache (the seed stays the record); what it saves is drawing every member's
+        noise a second time for the update (and a third time to restore, in
+        ``precision="paper"``). The memory, once used, stays with the ParameterSet for reuse (a
+        member's noise is ``4 * P`` bytes in float32). Returns the budget in bytes."""
+        if budget == "auto":
+            avail = available_memory()
+            # a table window is a copy, not a draw: caching it saves little
+            large = self.numel >= PARALLEL_NOISE_MIN and self.noise_source != "table"
+            # torchrun starts one process per GPU or CPU share: they split the share between them
+            share = CACHE_SHARE_OF_AVAILABLE / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            budget = int(avail * share) if avail and large else 0
+        if budget is None:
+            budget = 0
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"noise cache: expected 'auto' or a number of bytes >= 0, got {budget!r}")
+        self._cache_budget = budget
+        self._cache = {}
+        self._slots = []
+        return budget
+
+    def clear_noise_cache(self) -> None:
+        """Forget every cached member (its memory is kept for the next ones)."""
+        self._cache = {}
+
+    @property
+    def noise_cache_bytes(self) -> int:
+        """Bytes the noise cache holds."""
+        return len(self._slots) * self.master_bytes_total
+
+    # -- per-tensor work on several threads -------------------------------------------------
+    def _workers(self) -> int:
+        if self.workers is not None:
+            return max(1, int(self.workers))
+        if self.numel < PARALLEL_NOISE_MIN or len(self.master) < 2:
+            return 1
+        return max(1, min(torch.get_num_threads(), len(self.master), os.cpu_count() or 1))
+
+    def for_each_tensor(self, fn: Callable[[int], object], consume: Callable[[int, object], None] | None = None) -> None:
+        """``fn(i)`` for every tensor index, spread over worker threads when the model is large
+        (each noise draw is seeded per tensor and each result is per tensor, so the numbers do not
+        depend on which thread does what). ``consume(i, fn(i))`` then runs on the calling thread,
+        in index order (for what must not depend on threads, like a reduction); at most a few
+        results wait for it at a time. Each worker runs PyTorch on one thread, so that the workers
+        share the cores instead of each spawning a full team."""
+        n = self._workers()
+        if n <= 1:
+            for i in range(len(self.master)):
+                out = fn(i)
+                if consume is not None:
+                    consume(i, out)
+            return
+        if self._pool is None or self._pool._max_workers != n:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="esnb-noise", initializer=torch.set_num_threads,
+                                            initargs=(1,))
+        grad_mode = torch.is_grad_enabled()  # thread-local in PyTorch: carry the caller's no_grad over
+
+        def run(i: int) -> object:
+            with torch.set_grad_enabled(grad_mode):
+                return fn(i)
+
+        window, pending, nxt = 2 * n, {}, 0
+        for i in range(len(self.master)):
+            while nxt < len(self.master) and nxt < i + window:
+                pending[nxt] = self._pool.submit(run, nxt)
+                nxt += 1
+            out = pending.pop(i).result()
+            if consume is not None:
+                consume(i, out)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -270,13 +450,16 @@ class ParameterSet:
             raise RuntimeError("parameters are already perturbed; restore() first")
         self.perturbed_by = (seed, sigma)
         if self.precision == "paper":
-            for i, p in enumerate(self.params):
+            def paper(i: int) -> None:
                 # the paper: param.add_(SIGMA * noise), noise drawn in the param's dtype; two roundings
-                p.add_(self.noise(seed, i).mul_(sigma))
+                self.params[i].add_(self.scaled_noise(seed, i, sigma, keep=True))
+            self.for_each_tensor(paper)
             return
-        for i, (p, m) in enumerate(zip(self.params, self.master)):
-            # one noise tensor at a time, in the reused buffer of noise()
-            p.copy_(self.noise(seed, i).mul_(sigma).add_(m))
+
+        def master(i: int) -> None:
+            # master + sigma * eps, the same two roundings as eps.mul_(sigma).add_(master)
+            self.params[i].copy_(self.scaled_noise(seed, i, sigma, keep=True).add_(self.master[i]))
+        self.for_each_tensor(master)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -285,8 +468,8 @@ class ParameterSet:
         if self.precision == "paper":
             if self.perturbed_by is not None:
                 seed, sigma = self.perturbed_by
-                for i, p in enumerate(self.params):
-                    p.add_(self.noise(seed, i).mul_(-sigma))  # the paper: param.add_(-SIGMA * noise)
+                # the paper: param.add_(-SIGMA * noise)
+                self.for_each_tensor(lambda i: self.params[i].add_(self.scaled_noise(seed, i, -sigma)))
             self.perturbed_by = None
             return
         for p, m in zip(self.params, self.master):

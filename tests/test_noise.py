@@ -226,3 +226,81 @@ def test_noise_table_run_replays_bit_exactly_from_its_seed_log(tmp_path, one_cpu
     cfg.noise = "independent"
     finetune(other, tok, get_task("countdown", prompt_style="compact"), train, test, cfg, progress=False)
     assert not all(torch.equal(a, b) for a, b in zip(trained, other.parameters()))
+
+
+def _run_es(model, workers, cache, precision="master", optimizer="sgd", antithetic=False, iterations=3):
+    from esnb.es import ES, ESConfig
+
+    cfg = ESConfig(population_size=6, sigma=0.05, alpha=0.01, seed=3, precision=precision, optimizer=optimizer,
+                   antithetic=antithetic)
+    es = ES(model, cfg, noise_cache=cache)
+    es.params.workers = workers
+    norms, rewards = [], []
+    x = torch.linspace(-1, 1, 16).to(next(model.parameters()).dtype)
+    for _ in range(iterations):
+        r = []
+        for m in es.ask():
+            with es.perturbed(m), torch.no_grad():
+                r.append(float(model(x).sum()))
+        rewards.append(r)
+        norms.append(es.tell(r)["update_norm"])
+    return norms, rewards, _snapshot(model), es
+
+
+@pytest.mark.parametrize("precision,dtype,optimizer,antithetic", [
+    ("master", torch.float32, "sgd", False), ("master", torch.bfloat16, "adam", True),
+    ("paper", torch.bfloat16, "sgd", False)])
+def test_threads_and_noise_cache_change_no_bit(precision, dtype, optimizer, antithetic):
+    # workers and the cache are about time only: rewards, logged norms and weights stay bit-identical
+    base = _run_es(_model(dtype), 1, 0, precision, optimizer, antithetic)
+    for workers, cache in ((3, 0), (1, 10**8), (2, 10**8), (2, 3 * 4 * 6000)):  # the last: room for a few members
+        norms, rewards, snap, es = _run_es(_model(dtype), workers, cache, precision, optimizer, antithetic)
+        assert rewards == base[1] and norms == base[0]
+        assert all(torch.equal(a, b) for a, b in zip(snap, base[2]))
+        assert es.params.noise_cache_bytes <= cache
+
+
+def test_noise_cache_keeps_memory_for_reuse_and_stays_in_budget():
+    model = _model()
+    ps = ParameterSet(model)
+    one = ps.master_bytes_total
+    assert ps.cache_noise(2 * one + 1) == 2 * one + 1
+    for seed in (1, 2, 3):  # the third member finds no room and is drawn as without a cache
+        with ps.perturbed(seed, 0.1):
+            pass
+    assert ps.noise_cache_bytes == 2 * one and set(ps._cache) == {1, 2}
+    assert torch.equal(ps.eps(2, 1), noise_like(ps.master[1], 2, 1))
+    ps.clear_noise_cache()  # a new iteration: the slots are reused, not allocated again
+    with ps.perturbed(9, 0.1):
+        pass
+    assert ps.noise_cache_bytes == 2 * one and set(ps._cache) == {9}
+    assert ps.cache_noise(0) == 0 and ps.noise_cache_bytes == 0
+    with pytest.raises(ValueError, match="noise cache"):
+        ps.cache_noise(-1)
+    assert ParameterSet(model).cache_noise("auto") == 0  # small models: drawing is cheap, no cache
+
+
+def test_cpu_share_measures_other_processes_and_caps_threads(monkeypatch):
+    import esnb._cpu as cpu
+
+    # samples (wall, CPU seconds of all processes, our own): over 2 s all processes ran 3.8 s
+    # of CPU and we ran 1.9 s of it, so the others used 0.95 cores: one core is theirs
+    samples = iter([(100.0, 50.0, 10.0), (102.0, 53.8, 11.9)])
+    monkeypatch.setattr(cpu, "_sample", lambda: next(samples))
+    monkeypatch.setattr(cpu, "_last", (99.0, 49.0, 9.0))
+    assert cpu.others_load() == 0.0  # 1 s since the last look: all of it was ours
+    assert abs(cpu.others_load() - 0.95) < 1e-9
+    monkeypatch.setattr(cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu, "others_load", lambda: 0.95)
+    assert cpu.free_cores() == 1
+    monkeypatch.setattr(cpu, "others_load", lambda: 0.3)  # a browser idling: not a core
+    assert cpu.free_cores() == 2
+    # what the threads become
+    old = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "free_cores", lambda: 1)
+    with cpu.share_cores() as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == old
+    monkeypatch.setattr(cpu, "free_cores", lambda: 64)
+    with cpu.share_cores(cap=1) as n:  # never more than the ceiling
+        assert n == 1
