@@ -29,6 +29,12 @@ the medians are printed, and the ratios are what count on a shared machine.
   (unperturbed) weights: what a population decode would cost if the members shared weights (the
   bound that population batching and low-rank noise approach).
 
+* **GRPO** (``--grpo-steps``, default 3): TRL's GRPO on a fresh float32 copy of the model, G = N
+  sampled completions per prompt, every prompt once per step (a step scores as many completions as
+  an ES iteration; 2 prompts a step for models of 20M parameters or more, whose float32 logits
+  for all of them do not fit in 24 GiB); printed as seconds per scored completion beside the
+  engine's.
+
 Members must get distinct rewards (else the update skips its noise regeneration and flatters the
 engine): the number of distinct member rewards is printed, and the script stops with an error
 when they all tie in any timed iteration. Choose ``--sigma`` / prompts / tokens so that they differ.
@@ -36,6 +42,7 @@ when they all tie in any timed iteration. Choose ``--sigma`` / prompts / tokens 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -95,6 +102,22 @@ def reference_iteration(model, tok, task, prompts, items, seeds, sigma, alpha, m
     return rewards
 
 
+def grpo_seconds_per_step(model_name, task, items, group, max_new, steps, threads) -> float:
+    """Median seconds of a GRPO step (after one warm-up step) on a fresh copy of the model: every
+    prompt once per step with ``group`` sampled completions each, so a step scores as many
+    completions as one ES iteration. GRPO trains in float32 on a CPU whatever ``dtype`` says."""
+    import tempfile
+
+    from esnb.grpo import GRPORunConfig, train_grpo
+
+    model, tok = load_model(model_name, device="cpu", dtype="fp32")
+    cfg = GRPORunConfig(steps=steps + 1, num_generations=group, prompts_per_step=len(items), learning_rate=1e-5,
+                        max_new_tokens=max_new, eval_every=0, threads=threads, progress=False)
+    with tempfile.TemporaryDirectory() as out:
+        result = train_grpo(model, tok, task, list(items), list(items[:1]), cfg, output_dir=out)
+    return statistics.median([float(x) for x in result.log["iter_seconds"]][1:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny")
@@ -106,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for every item (default 1)")
     ap.add_argument("--sigma", type=float)
     ap.add_argument("--alpha", type=float, default=5e-4)
+    ap.add_argument("--grpo-steps", type=int, default=3,
+                    help="also time this many GRPO steps (TRL) on a copy of the model, same prompts, G=N (0: skip)")
     args = ap.parse_args(argv)
     key = args.model.strip().lower()
     n, n_prompts, max_new, dtype, reps, sigma, task_name = DEFAULTS.get(key, DEFAULTS["smollm2-135m"])
@@ -220,6 +245,22 @@ def main(argv=None) -> int:
                   f"{med['full-rank limit'] / med[name]:.2f}x the full-rank limit")
         print(f"  noise cache held {es.params.noise_cache_bytes / 2**20:.0f} MiB; noise drawn on "
               f"{es.params._workers()} thread(s)")
+    if args.grpo_steps:
+        # free the ES objects (their master copies and noise cache) before GRPO's training state
+        del es, items_to_time
+        if large:
+            del es_before, es_table
+        gc.collect()
+        # a large model's GRPO step over all prompts at once needs more memory than a 24 GiB machine
+        # has (its logits over the vocabulary, float32, for every completion): fewer prompts a step
+        k = n_prompts if not large else min(n_prompts, 2)
+        grpo_s = grpo_seconds_per_step(args.model, task, items[:k], n, max_new, args.grpo_steps, threads)
+        per_es = e / (n * n_prompts)
+        per_grpo = grpo_s / (n * k)
+        print(f"GRPO (TRL, fp32 training on a CPU, G={n} completions of each of {k} prompts per step, "
+              f"lr 1e-5): {grpo_s:.3f} s/step (median of {args.grpo_steps} after one warm-up step)")
+        print(f"  per scored completion: ES engine {per_es * 1000:.1f} ms, GRPO {per_grpo * 1000:.1f} ms "
+              f"(GRPO / ES {per_grpo / per_es:.2f}x)")
     print(f"RATIO engine vs paper-style loop {med['paper-style loop'] / e:.2f}x ({args.model}, N={n}, {n_prompts} prompts, "
           f"{max_new} tokens, {dtype}, {threads} thread(s))")
     return 0
