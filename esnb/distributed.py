@@ -204,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import finetune as ft
 
     ap = ft.build_parser()
+    if os.environ.get("RANK", "0") != "0":
+        # every rank parses and checks the same arguments: rank 0 says what is wrong, in one line,
+        # and the others end with the same status, quietly
+        ap.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
     ap.prog = "torchrun --standalone --nproc_per_node=W -m esnb.distributed"
     ap.description = ("ES fine-tuning with the population spread over torchrun's processes (seeds out, "
                       "rewards back); bit-identical to python -m esnb.finetune with the same settings.")
@@ -216,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = ft.FinetuneConfig(**{ft._CLI_CONFIG[k]: v for k, v in settings.items() if k in ft._CLI_CONFIG})
     except ValueError as e:
         ap.error(str(e))
+
+    # The output folder was checked by every rank above (the CLI's checks), before any could write
+    # to it; what the trainer refuses later is said in one line by rank 0 as well.
+    def refuse(message: str) -> None:
+        ap.exit(2, f"{ap.prog}: error: {message.splitlines()[0] if message else 'refused'}\n")
 
     rank, world = setup()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -258,11 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{config.population_size} members (up to {-(-config.population_size // world)} per process), "
               f"{bytes_per_iteration(config.population_size, world)} bytes per process per iteration", flush=True)
     try:
-        result = ft.finetune(model, tokenizer, task, train_items, test_items, config,
-                             output_dir=out if lead else None, callback=report if lead else None,
-                             progress=lead and not settings.get("no_progress"),
-                             metadata={"cli": settings, "world_size": world},
-                             population_evaluator=population_evaluator())
+        try:
+            result = ft.finetune(model, tokenizer, task, train_items, test_items, config,
+                                 output_dir=out if lead else None, callback=report if lead else None,
+                                 progress=lead and not settings.get("no_progress"), overwrite=bool(args.overwrite),
+                                 metadata={"cli": settings, "world_size": world},
+                                 population_evaluator=population_evaluator())
+        except (ValueError, FileExistsError, ft.RunLocked) as e:  # refused settings: one line from rank 0
+            refuse(str(e))
         if lead:
             print(f"done: {config.iterations} iterations on {world} processes, held-out accuracy "
                   f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}, "

@@ -144,3 +144,26 @@ def test_distributed_trains_on_the_data_file_and_refuses_a_bad_one(tmp_path, mon
     assert distributed.main([*small, "--data", str(data), "--output", str(tmp_path / "run")]) == 0
     prompts = [json.loads(x)["prompt"] for x in (tmp_path / "run" / "samples_before.jsonl").read_text().splitlines() if x.strip()]
     assert prompts and all("7777" in p for p in prompts)  # the held-out items are the file's last 2,000
+
+
+def test_torchrun_refuses_a_taken_folder_in_one_line_and_passes_overwrite_on(tmp_path):
+    """A folder holding something else is refused by every rank before the group forms, in one line
+    printed once (rank 0), with no traceback from esnb; --overwrite reaches the trainer (it once
+    ended in FileExistsError and tracebacks from both ranks)."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"not a run")
+    small = ["--model", "tiny", "--task", "countdown", "--iterations", "1", "--population", "2", "--train-size", "2",
+             "--test-size", "1", "--eval-every", "0", "--max-new-tokens", "8", "--threads", "1", "--no-progress",
+             "--output", str(out)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "esnb.distributed", *small]
+    d = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert d.returncode != 0
+    ours = [line for line in d.stderr.splitlines() if "esnb.distributed: error:" in line]
+    assert len(ours) == 1 and "is not empty and holds no run" in ours[0], d.stderr[-3000:]
+    assert "esnb/finetune.py" not in d.stderr and "esnb/distributed.py" not in d.stderr  # no esnb traceback
+    assert (out / "model.safetensors").read_bytes() == b"not a run"
+    d = subprocess.run(cmd + ["--overwrite"], env=_env(), capture_output=True, text=True, timeout=240)
+    assert d.returncode == 0, d.stdout[-3000:] + d.stderr[-3000:]
+    assert (out / "log.jsonl").is_file()
