@@ -54,7 +54,7 @@ import torch
 
 from ._cpu import share_cores
 from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
-from .generation import evaluate, generate
+from .generation import DECODERS, decoder, evaluate, generate
 from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, _atomic_write, load_checkpoint, match_umask, read_log,
                      read_run_config, remove_stale_temps, save_checkpoint, write_json)
 
@@ -133,6 +133,12 @@ class FinetuneConfig:
       (:func:`esnb.es.paper_iteration_seeds`). Seed logs record the seeds themselves, so replay and
       rebuild need no schedule; a resume draws the same schedule. A run folder whose
       ``config.json`` has no ``seeds`` (made before this field) used ``"esnb"``.
+    * ``decoder``: ``"esnb"`` (this course's greedy decoder: the lean one for Llama/Qwen2,
+      population-batched for small models) or ``"generate"`` (Hugging Face ``generate``,
+      ``do_sample=False``, with the checkpoint's generation config, its ``repetition_penalty``
+      included, prompts in their order: what the paper's script calls; slower). The two can pick
+      different tokens in bf16 and wherever the checkpoint sets a repetition penalty. A run
+      folder whose ``config.json`` has no ``decoder`` used ``"esnb"``.
 
     The paper's prompt, target rule, reward and data are task and data choices:
     ``get_task("countdown", **countdown.paper_options())`` (``prompt_style="paper"``,
@@ -145,9 +151,7 @@ class FinetuneConfig:
 
     What paper mode still does not reproduce: answers are checked by esnb's safe evaluator, never
     ``eval`` (``2**5+3`` or ``7//2+3`` score 1.1 in the paper, 0.1 here, and so do answers longer or
-    deeper than the evaluator's bounds); greedy decoding is esnb's (the lean decoder for Llama/Qwen2,
-    whose bf16 tokens can differ from Hugging Face ``generate``'s, and no ``repetition_penalty`` from
-    the checkpoint's generation config); a member's reward is ``np.mean`` of its prompts' rewards
+    deeper than the evaluator's bounds); a member's reward is ``np.mean`` of its prompts' rewards
     (the script: ``sum / len``, equal up to float rounding). And esnb's single-process paper mode
     is the script run as ONE process with ``--gpu_threads 1``: every member is perturbed and
     restored (by subtraction, so with bf16 drift) on the one model that is updated. With several
@@ -188,6 +192,7 @@ class FinetuneConfig:
     precision: str | None = None      # None: from fidelity ("master" for esnb)
     early_stop: bool | None = None    # None: from fidelity (True for esnb)
     seeds: str | None = None          # None: from fidelity ("esnb" for esnb, "paper" for paper)
+    decoder: str | None = None        # None: from fidelity ("esnb" for esnb, "generate" for paper)
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITIES:
@@ -207,6 +212,10 @@ class FinetuneConfig:
             self.seeds = "paper" if paper else "esnb"
         if self.seeds not in SEED_SCHEDULES:
             raise ValueError(f"seeds must be one of {SEED_SCHEDULES}, got {self.seeds!r}")
+        if self.decoder is None:
+            self.decoder = "generate" if paper else "esnb"
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         self.es_config()  # validates the ES fields, naming the bad one
         self.population_size = int(self.population_size)
         self.sigma, self.alpha = float(self.sigma), float(self.alpha)
@@ -259,9 +268,10 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
-        """The config of a saved ``to_dict()``; one saved before ``seeds`` existed used ``"esnb"``."""
+        """The config of a saved ``to_dict()``; one saved before ``seeds`` or ``decoder`` existed
+        used esnb's (``"esnb"`` for both)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{"seeds": "esnb", **{k: v for k, v in d.items() if k in known}})
+        return cls(**{"seeds": "esnb", "decoder": "esnb", **{k: v for k, v in d.items() if k in known}})
 
 
 def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | None) -> list[int]:
@@ -432,6 +442,38 @@ def _check_resume_prompts(saved: dict | None, now: dict, where: Path) -> None:
                          f"would mix two test sets; resume with the settings the run was made with")
 
 
+def output_refusal(out: Path, overwrite: bool, resume: bool = False) -> str | None:
+    """Why a new run may not be written to ``out`` (``None``: it may): a run is already there
+    (resume it, or overwrite), or the folder holds something else (a model, say), which is never
+    written over unless ``overwrite``."""
+    out = Path(out)
+    existing = (out / "log.jsonl").exists() or (out / CHECKPOINT).exists()
+    if existing and not overwrite and not resume:
+        return f"{out} already holds a run; pass resume=True to continue it or overwrite=True"
+    foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
+    if foreign and not existing and not overwrite:  # e.g. a model folder: never overwrite it
+        return (f"{out} is not empty and holds no run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                f"choose a new or empty folder, or pass overwrite=True")
+    return None
+
+
+def check_context(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, which: str) -> None:
+    """Refuse prompts that, with ``max_new_tokens`` to generate, do not fit in the model's context
+    (``config.max_position_embeddings``): past it a model reads positions it never learned and its
+    completions are noise, silently. One line names the longest prompt and the numbers."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context or not prompts:
+        return
+    from .generation import _encode_prompts
+
+    lengths = [len(_encode_prompts(tokenizer, [p], "cpu")[0][0]) for p in prompts]
+    worst = int(np.argmax(lengths))
+    if lengths[worst] + max_new_tokens > context:
+        raise ValueError(f"{which} prompt {worst} has {lengths[worst]} tokens; with max_new_tokens={max_new_tokens} "
+                         f"that is {lengths[worst] + max_new_tokens}, past the model's context of {context} tokens "
+                         f"(use a shorter prompt style, fewer new tokens or a model with a longer context)")
+
+
 def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
     diffs = [f"{k}: {saved[k]!r} in the run, {v!r} now" for k, v in config.to_dict().items()
              if k not in _RESUMABLE and k in saved and saved[k] != v]
@@ -537,6 +579,19 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     processes and gathers their rewards.
     """
     config = config or FinetuneConfig()
+    with decoder(config.decoder):  # every completion of the run, training and held-out, from one decoder
+        return _finetune(model, tokenizer, task, train_items, test_items, config, output_dir, callback, resume,
+                         overwrite, progress, metadata, population_evaluator, noise_cache)
+
+
+def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
+             test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
+             output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
+             resume: bool = False, overwrite: bool = False, progress: bool = True,
+             metadata: dict | None = None, population_evaluator: Callable | None = None,
+             noise_cache: int | str | None = "auto") -> FinetuneResult:
+    """The body of :func:`finetune` (which holds the lock and sets the decoder)."""
+    config = config or FinetuneConfig()
     train_items, test_items = resolve_items(task, train_items, test_items)
     if len(train_items) < config.train_size:
         raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
@@ -546,6 +601,9 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     if not test_items:
         raise ValueError("test_items: held-out evaluation needs at least one item")
     max_new = config.max_new_tokens or task.max_new_tokens
+    # before anything is written: a prompt past the model's context is refused, not trained on
+    check_context(model, tokenizer, [task.prompt(item, tokenizer) for item in train_items], max_new, "training")
+    check_context(model, tokenizer, [task.prompt(item, tokenizer) for item in test_items], max_new, "held-out")
     if not config.early_stop and tuple(getattr(task, "stop_strings", ()) or ()):
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
@@ -577,7 +635,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
             # a run saved before the ``seeds`` field drew esnb's seeds: resuming it needs seeds="esnb"
             saved_meta = read_run_config(out)
-            saved_cfg = {"seeds": "esnb", **saved_meta.get("finetune", {})}
+            saved_cfg = {"seeds": "esnb", "decoder": "esnb", **saved_meta.get("finetune", {})}
             _check_resume_config(saved_cfg, config, out / "config.json")
             _check_resume_prompts(saved_meta.get("prompts"), fingerprint, out / "config.json")
             if ckpt is not None:
@@ -609,13 +667,9 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             meta.update(metadata or {})
             write_json(out / "config.json", meta)
         else:
-            if existing and not overwrite and not resume:
-                raise FileExistsError(f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
-            foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
-            if foreign and not existing and not overwrite:  # e.g. a model folder: never overwrite it
-                raise FileExistsError(f"{out} is not empty and holds no run ({', '.join(foreign[:3])}"
-                                      f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder, "
-                                      f"or pass overwrite=True")
+            refused = output_refusal(out, overwrite, resume)
+            if refused:
+                raise FileExistsError(refused)
             meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
                     "task_repr": repr(task), "max_new_tokens": max_new, "model": _model_name(model),
                     "prompts": fingerprint, **(metadata or {})}
@@ -801,7 +855,7 @@ _CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alph
                "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
                "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype",
                "fidelity": "fidelity", "noise": "noise", "precision": "precision", "early_stop": "early_stop",
-               "seeds": "seeds"}
+               "seeds": "seeds", "decoder": "decoder"}
 # What may change when a run is resumed from the command line.
 _CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
 
@@ -863,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--seeds", choices=list(SEED_SCHEDULES),
                        help="member seeds: 'paper': numpy seeded once with --seed, randint(0, 2**30, N) per "
                             "iteration, as the paper's script (default: esnb's, a function of seed and iteration)")
+    paper.add_argument("--decoder", choices=list(DECODERS),
+                       help="'generate': Hugging Face generate with the checkpoint's generation config (repetition "
+                            "penalty included), as the paper's script (default: esnb's faster decoder)")
     paper.add_argument("--data", metavar="PATH",
                        help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
     return ap

@@ -8,13 +8,58 @@ sequence is done. No sampling anywhere: ES in the paper uses greedy decoding.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["generate", "evaluate", "cpu_threads"]
+__all__ = ["generate", "evaluate", "cpu_threads", "decoder", "DECODERS"]
+
+# Which greedy decoder :func:`generate` uses (``FinetuneConfig.decoder``):
+# * "esnb": this module's loop (the lean decoder for Llama/Qwen2, else the Hugging Face forward),
+#   stopping at the task's stop strings; prompts sorted by length into batches;
+# * "generate": Hugging Face ``model.generate(do_sample=False)`` with the checkpoint's generation
+#   config (its ``repetition_penalty`` included), prompts in their order, as the paper's script
+#   calls it; stop strings then cut the text afterwards. Slower; bf16 tokens equal to the script's.
+DECODERS = ("esnb", "generate")
+_DECODER: contextvars.ContextVar[str] = contextvars.ContextVar("esnb_decoder", default="esnb")
+
+
+@contextmanager
+def decoder(name: str) -> Iterator[None]:
+    """Within the block, :func:`generate` (and what calls it: evaluation, ES scoring) decodes with
+    ``name`` (:data:`DECODERS`). :func:`esnb.finetune.finetune` runs under its config's decoder."""
+    if name not in DECODERS:
+        raise ValueError(f"decoder: expected one of {DECODERS}, got {name!r}")
+    token = _DECODER.set(name)
+    try:
+        yield
+    finally:
+        _DECODER.reset(token)
+
+
+def current_decoder() -> str:
+    """The decoder :func:`generate` uses here (see :func:`decoder`)."""
+    return _DECODER.get()
+
+
+@torch.no_grad()
+def _hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, stop_strings: Sequence[str],
+                 batch_size: int) -> list[str]:
+    """Hugging Face ``generate``, greedy, as the paper's script calls it: left padding, prompts in
+    their order, the model's own generation config (repetition penalty and all)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        ids, attn = _encode_prompts(tokenizer, prompts[s:s + batch_size], device)
+        seq = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        texts = tokenizer.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)
+        out.extend(_truncate(t, stop_strings) if stop_strings else t for t in texts)
+    return out
 
 SMALL_MODEL = 20_000_000  # parameters; below this, generation runs on one CPU thread
 
@@ -493,8 +538,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 
     ``threads``: CPU threads for the duration of the call. ``None`` (default) uses one thread
     for small models on CPU (under 20M parameters: their matrices are too small to split) and
-    for any model when the machine's load already fills its cores (extra threads then stall
-    each other); otherwise PyTorch's setting is left alone.
+    for any model when other processes hold a core (extra threads then stall each other);
+    otherwise PyTorch's setting is left alone.
+
+    Inside ``with decoder("generate"):`` the completions come from Hugging Face ``generate``
+    instead (see :data:`DECODERS`; ``fast`` is then ignored).
     """
     if max_new_tokens <= 0:
         raise ValueError("max_new_tokens: must be positive")
@@ -509,6 +557,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     threads = _auto_threads(model, threads)
     if threads:
         torch.set_num_threads(threads)
+    if _DECODER.get() == "generate":
+        try:
+            return _hf_generate(model, tokenizer, prompts, max_new_tokens, tuple(stop_strings), batch_size)
+        finally:
+            model.train(was_training)
+            if threads:
+                torch.set_num_threads(old_threads)
     eos = _eos_ids(model, tokenizer)
     token_stops, text_stops = _split_stops(tokenizer, stop_strings)
     use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))

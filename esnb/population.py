@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .generation import (SMALL_MODEL, _DROP_AT, _encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState,
+from .generation import (SMALL_MODEL, _DROP_AT, current_decoder, _encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState,
                          _LeanLlama, _machine_busy, _split_stops)
 
 __all__ = ["use_population", "generate_members", "score_population", "MEMORY_BUDGET"]
@@ -46,11 +46,13 @@ def use_population(choice: bool | str, model: Any, es: Any) -> bool:
     # Paper precision perturbs and restores the model in place in its dtype, and the drift those
     # round trips leave is part of the paper's algorithm (and of the seed-log replay); a batched
     # population never touches the model, so it would silently run a different algorithm.
-    possible = type(es) is ES and _fast_llama_ok(model) and es.config.precision != "paper"
+    # Hugging Face ``generate`` (decoder "generate") decodes one member at a time by definition.
+    possible = (type(es) is ES and _fast_llama_ok(model) and es.config.precision != "paper"
+                and current_decoder() == "esnb")
     if choice is True:
         if not possible:
-            raise ValueError("population_batch=True needs full-rank ES (esnb.es.ES) with precision='master' and a "
-                             "model the lean decoder covers (Llama, Qwen2); use 'auto' or False")
+            raise ValueError("population_batch=True needs full-rank ES (esnb.es.ES) with precision='master', "
+                             "esnb's decoder and a model the lean decoder covers (Llama, Qwen2); use 'auto' or False")
         return True
     return possible and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
 
