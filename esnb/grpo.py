@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -81,6 +82,7 @@ class GRPORunConfig:
     weight_decay: float = 0.0
     eval_every: int = 10             # held-out evaluation every K steps (0: only at start and end)
     eval_batch_size: int = 64
+    checkpoint_every: int = 0        # with an output_dir: a resumable checkpoint every K steps (0: none)
     seed: int = 0
     threads: int | None = None       # torch.set_num_threads for the run (None: leave as is)
     bf16: bool = False               # only on a GPU that supports it
@@ -97,6 +99,7 @@ class GRPORunConfig:
         for name in ("steps", "num_generations", "prompts_per_step", "num_iterations", "eval_batch_size"):
             positive_int(name)
         positive_int("eval_every", zero_ok=True)
+        positive_int("checkpoint_every", zero_ok=True)
         if self.num_generations < 2:
             raise ValueError("num_generations: GRPO needs at least 2 completions per prompt "
                              "(advantages are rewards relative to the group)")
@@ -293,7 +296,8 @@ _TRL_LOGS = {"loss": "loss", "kl": "kl", "grad_norm": "grad_norm", "entropy": "e
 def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
                test_items: Sequence[Any] | None = None, config: GRPORunConfig | None = None,
                output_dir: str | os.PathLike | None = None,
-               callback: Callable[[GRPOResult], None] | None = None, overwrite: bool = False) -> GRPOResult:
+               callback: Callable[[GRPOResult], None] | None = None, overwrite: bool = False,
+               resume: bool = False) -> GRPOResult:
     """Train ``model`` with GRPO on ``task`` (in place) and evaluate it on ``test_items``.
 
     ``output_dir`` must be new or empty (a run, a model or anything else there is never written
@@ -308,8 +312,15 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     ``output_dir`` the run is written there: ``config.json``, ``log.jsonl``, ``eval.jsonl``,
     ``samples_before.jsonl``, ``samples_after.jsonl``, ``summary.json`` and ``final/`` (model and
     tokenizer in Hugging Face format, ``from_pretrained(DIR / "final")``).
+
+    With ``config.checkpoint_every = K`` and an ``output_dir``, TRL's full training state (weights,
+    optimizer, random states) is saved every K steps under ``DIR/checkpoints`` with the log so far;
+    ``resume=True`` continues a killed run from its last checkpoint (the settings must be the
+    run's, ``steps``, ``eval_every``, ``checkpoint_every``, ``threads`` and ``progress`` excepted).
     """
     if output_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the output_dir of the run to continue")
         return _train_grpo(model, tokenizer, task, train_items, test_items, config, None, callback)
     from .runlog import LOCK, RunLock
 
@@ -317,19 +328,61 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     lock = RunLock(out)
     lock.acquire()  # before looking inside: two runs on one folder cannot both pass the check
     try:
+        if resume:
+            state = _resume_state(out, config or GRPORunConfig())
+            return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback, state)
         foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK]
         if foreign and not overwrite:
             raise FileExistsError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
                                   "a GRPO run never writes over a run, a model or other files; choose a new or empty "
-                                  "folder, or pass overwrite=True")
+                                  "folder, or pass overwrite=True (or resume=True to continue a run)")
+        if overwrite and (out / CHECKPOINTS).exists():
+            shutil.rmtree(out / CHECKPOINTS)  # an old run's training state must not be resumed into this one
         return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback)
     finally:
         lock.release()
 
 
+CHECKPOINTS = "checkpoints"  # TRL's resumable training state, inside a run folder
+# settings a resume may change (the others must be the run's)
+_RESUMABLE = {"steps", "eval_every", "checkpoint_every", "threads", "progress", "eval_batch_size"}
+
+
+def _resume_state(out: Path, config: GRPORunConfig) -> dict:
+    """What a resume of the run in ``out`` starts from: its last checkpoint and the rows logged up
+    to it. Refuses, in one line, a folder without a run or checkpoint, or other settings."""
+    if not (out / "config.json").is_file():
+        raise ValueError(f"{out}: cannot resume: no GRPO run here (no config.json)")
+    saved = json.loads((out / "config.json").read_text()).get("grpo")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{out}: cannot resume: config.json holds no GRPO settings")
+    now = config.to_dict()
+    diffs = [f"{k}: {saved[k]!r} in the run, {now[k]!r} now" for k in now
+             if k not in _RESUMABLE and k in saved and saved[k] != now[k]]
+    if diffs:
+        raise ValueError(f"{out}: cannot resume with other settings ({'; '.join(diffs)})")
+    checkpoints = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: int(p.name.split("-")[-1])) if (out / CHECKPOINTS).is_dir() else []
+    if not checkpoints:
+        raise ValueError(f"{out}: cannot resume: no checkpoint (the run had checkpoint_every=0, or was killed "
+                         f"before its first)")
+    step = int(checkpoints[-1].name.split("-")[-1])
+
+    def rows(name: str) -> list[dict]:
+        path = out / name
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    log = [r for r in rows("log.jsonl") if r["iteration"] < step]
+    if len(log) != step:
+        raise ValueError(f"{out}: cannot resume: log.jsonl has {len(log)} of the {step} steps its checkpoint holds")
+    return {"checkpoint": checkpoints[-1], "step": step, "log": log,
+            "evals": [r for r in rows("eval.jsonl") if r["iteration"] <= step],
+            "samples_before": rows("samples_before.jsonl")}
+
+
 def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
                 test_items: Sequence[Any] | None, config: GRPORunConfig | None, output_dir: Path | None,
-                callback: Callable[[GRPOResult], None] | None) -> GRPOResult:
+                callback: Callable[[GRPOResult], None] | None, resume_state: dict | None = None) -> GRPOResult:
     """:func:`train_grpo` once its output folder, if any, is checked and locked."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -357,8 +410,17 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     token_stops = sorted(token_stops)
     result = GRPOResult(config=config, model=model, tokenizer=tokenizer,
                         output_dir=Path(output_dir) if output_dir is not None else None)
-    clock = {"t0": 0.0, "paused": 0.0, "last": 0.0}
+    clock = {"t0": 0.0, "paused": 0.0, "last": 0.0, "offset": 0.0}
     counter = {"samples": 0, "rewards": [], "correct": []}
+    if resume_state is not None:  # the rows up to the checkpoint; training time goes on from there
+        import pandas as pd
+
+        result.log_rows, result.eval_rows = list(resume_state["log"]), list(resume_state["evals"])
+        if result.log_rows:
+            counter["samples"] = int(result.log_rows[-1]["samples"])
+            clock["offset"] = float(result.log_rows[-1]["seconds"])
+        if resume_state["samples_before"]:
+            result.samples_before = pd.DataFrame(resume_state["samples_before"])
 
     def held_out(step: int) -> None:
         t = time.perf_counter()
@@ -375,7 +437,12 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
             callback(result)
         clock["paused"] += time.perf_counter() - t  # evaluation and callback are not training time
 
-    held_out(0)
+    if resume_state is None:
+        held_out(0)
+    checkpointing = output_dir is not None and config.checkpoint_every > 0
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_progress(result, output_dir)  # config.json at once: a killed run can be told and resumed
 
     # the reward: the task's own score, on the completion cut where ES generation would stop
     def task_reward(prompts, completions, item_index, **_: Any) -> list[float]:
@@ -422,7 +489,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
                    "reward_std": (sum((x - mean) ** 2 for x in r) / n) ** 0.5,
                    "reward_min": min(r, default=float("nan")), "reward_max": max(r, default=float("nan")),
                    "accuracy": sum(c) / n, "iter_seconds": t - clock["last"],
-                   "seconds": t - clock["t0"] - clock["paused"], "samples": counter["samples"]}
+                   "seconds": t - clock["t0"] - clock["paused"] + clock["offset"], "samples": counter["samples"]}
             counter["rewards"], counter["correct"] = [], []
             if config.track_updates:
                 sq, count = 0.0, 0
@@ -452,6 +519,12 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
                     if k in logs:
                         result.log_rows[-1][name] = float(logs[k])
 
+        def on_save(self, args, state, control, **kw):
+            # TRL has just written its checkpoint: the rows up to it go beside it
+            t = time.perf_counter()
+            save_progress(result, output_dir)
+            clock["paused"] += time.perf_counter() - t
+
         def on_train_end(self, args, state, control, **kw):
             torch.set_num_threads(threads["base"])
             if bar is not None:
@@ -463,8 +536,10 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     })
     tmp = tempfile.TemporaryDirectory(prefix="esnb-grpo-")  # TRL wants an output_dir; we save ourselves
     use_cpu = device.type == "cpu"
+    save = (dict(save_strategy="steps", save_steps=config.checkpoint_every, save_total_limit=1)
+            if checkpointing else dict(save_strategy="no"))
     args = dict(
-        output_dir=tmp.name, max_steps=config.steps,
+        output_dir=str(output_dir / CHECKPOINTS) if checkpointing else tmp.name, max_steps=config.steps,
         per_device_train_batch_size=config.samples_per_step, gradient_accumulation_steps=1,
         num_generations=config.num_generations, learning_rate=config.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=config.weight_decay,
@@ -475,7 +550,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
         num_iterations=config.num_iterations, loss_type=config.loss_type,
         scale_rewards=config.scale_rewards, seed=config.seed, data_seed=config.seed,
         bf16=bool(config.bf16 and not use_cpu), fp16=False, use_cpu=use_cpu,
-        activation_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+        activation_checkpointing=False, logging_steps=1, report_to="none", **save,
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
     )
     args.update(config.trl_args)
@@ -504,7 +579,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
             trainer.remove_callback(ProgressCallback)
             if ref_copy is not None:
                 _install_reference(trainer, ref_copy, config.beta)
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(resume_state["checkpoint"]) if resume_state else None)
         result.peak_rss, result.cuda_peak = mem.peak, mem.cuda_peak
         result.state_bytes = training_state_bytes(model, trainer.optimizer,
                                                   getattr(trainer, "ref_model", None))
@@ -553,6 +628,17 @@ def _json_default(o: Any):
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def save_progress(result: GRPOResult, output_dir: str | os.PathLike) -> None:
+    """The run so far (config, log, evaluations, first samples), atomically: what a resume reads."""
+    out = Path(output_dir)
+    _jsonl(out / "log.jsonl", result.log_rows)
+    _jsonl(out / "eval.jsonl", result.eval_rows)
+    if result.samples_before is not None:
+        _jsonl(out / "samples_before.jsonl", result.samples_before.to_dict("records"))
+    model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
+    _json_file(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id})
 
 
 def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:

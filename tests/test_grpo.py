@@ -301,3 +301,36 @@ def test_a_run_folder_locked_by_another_process_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
+    """checkpoint_every=2: a run stopped after step 3 leaves TRL's state at step 2 and the log so
+    far; resume=True continues it, and it ends with the rows and weights of an uninterrupted run."""
+    cfg = GRPORunConfig(steps=4, num_generations=4, learning_rate=1e-3, eval_every=2, checkpoint_every=2,
+                        seed=5, progress=False)
+    model, tok = fresh_model(2)
+    whole = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "whole")
+    whole_weights = [p.detach().clone() for p in model.parameters()]
+
+    def stop_after_step_3(result):
+        if len(result.log_rows) == 3:
+            raise KeyboardInterrupt
+
+    model, tok = fresh_model(2)
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "killed", callback=stop_after_step_3)
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-2").is_dir()
+    assert len(load_result(tmp_path / "killed").log_rows) == 2  # what the checkpoint holds
+    with pytest.raises(FileExistsError, match="resume=True"):  # a killed run is still a run
+        train_grpo(*fresh_model(2), Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "killed")
+    with pytest.raises(ValueError, match="learning_rate"):  # other settings: refused in one line
+        train_grpo(*fresh_model(2), Digits(), ITEMS, ITEMS, GRPORunConfig(**{**cfg.to_dict(), "learning_rate": 2e-3}),
+                   output_dir=tmp_path / "killed", resume=True)
+    model, tok = fresh_model(7)  # other starting weights: the checkpoint's are loaded
+    resumed = train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "killed", resume=True)
+    keys = ["iteration", "reward_mean", "accuracy", "samples", "loss"]
+    assert [[r[k] for k in keys] for r in resumed.log_rows] == [[r[k] for k in keys] for r in whole.log_rows]
+    assert [(r["iteration"], r["test_accuracy"]) for r in resumed.eval_rows] == \
+        [(r["iteration"], r["test_accuracy"]) for r in whole.eval_rows]
+    assert all(torch.equal(a, p.detach()) for a, p in zip(whole_weights, model.parameters()))
+    assert load_result(tmp_path / "killed").log["seconds"].is_monotonic_increasing
