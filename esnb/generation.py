@@ -462,9 +462,9 @@ _DROP_AT = 0.75
 
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text_stops, eos,
-                    fast=False):
+                    fast=False, encoded=None):
     device = next(model.parameters()).device
-    ids, mask = _encode_prompts(tokenizer, prompts, device)
+    ids, mask = encoded if encoded is not None else _encode_prompts(tokenizer, prompts, device)
     batch = ids.shape[0]
     state = _GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
     max_stop = max((len(s) for s in text_stops), default=0)
@@ -521,6 +521,45 @@ class _HFStepper:
         return res.logits[:, -1, :]
 
 
+PARALLEL_BATCH_MIN = 32  # prompts; below this a second thread does not pay for itself
+
+
+def _batch_workers(model: Any, threads: int | None, n_prompts: int, batch_size: int) -> int:
+    """Threads that decode whole batches side by side: for a small CPU model, which decodes on one
+    torch thread (its matrices are too small to split), the cores other processes leave free;
+    1 when threads were given, on other devices, or for few prompts."""
+    if threads or n_prompts < PARALLEL_BATCH_MIN or next(model.parameters()).device.type != "cpu":
+        return 1
+    if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
+        return 1
+    from ._cpu import free_cores
+
+    n_batches = -(-n_prompts // batch_size)
+    return max(1, min(free_cores(), n_batches if n_batches > 1 else 2))  # one batch is split in two
+
+
+def _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens, token_stops,
+                               text_stops, eos, use_fast) -> None:
+    """Each batch decoded as :func:`_generate_batch` does, on its own thread with one torch thread
+    (a batch's texts are the same whichever thread decodes it); the prompts are encoded here first,
+    because a tokenizer's padding settings are shared state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = next(model.parameters()).device
+    encoded = [_encode_prompts(tokenizer, [prompts[i] for i in idx], device) for idx in batches]
+
+    def run(k: int) -> list[str]:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            return _generate_batch(model, tokenizer, None, max_new_tokens, token_stops, text_stops, eos, use_fast,
+                                   encoded=encoded[k])
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="esnb-decode") as pool:
+        for idx, texts in zip(batches, pool.map(run, range(len(batches)))):
+            for i, text in zip(idx, texts):
+                results[i] = text
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
              stop_strings: Sequence[str] = (), batch_size: int = 64,
              progress: bool = False, fast: bool | None = None,
@@ -554,6 +593,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     was_training = model.training
     model.eval()
     old_threads = torch.get_num_threads()
+    asked_threads = threads
     threads = _auto_threads(model, threads)
     if threads:
         torch.set_num_threads(threads)
@@ -569,14 +609,20 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[str] = [""] * len(prompts)
-    starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="generate", unit="batch")
+    workers = _batch_workers(model, asked_threads, len(prompts), batch_size)
+    if workers > 1 and len(prompts) <= batch_size:
+        batch_size = -(-len(prompts) // workers)  # one batch per worker (the texts do not depend on it)
+    batches = [order[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
     try:
-        for s in starts:
-            idx = order[s:s + batch_size]
+        if workers > 1:
+            _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens,
+                                       token_stops, text_stops, eos, use_fast)
+            return results
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="generate", unit="batch")
+        for idx in batches:
             texts = _generate_batch(model, tokenizer, [prompts[i] for i in idx], max_new_tokens,
                                     token_stops, text_stops, eos, use_fast)
             for i, text in zip(idx, texts):

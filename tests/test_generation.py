@@ -156,3 +156,29 @@ def test_hugging_face_fallback_drops_finished_rows(tiny, prompts):
         hook.remove()
     assert widths[0] == 16 and min(widths) < 16   # finished rows left the batch
     assert hf == generate(model, tok, prompts[:16], max_new_tokens=64, stop_strings=["</answer>"], fast=True)
+
+
+def test_small_models_decode_batches_on_free_cores_with_the_same_texts(tiny, monkeypatch):
+    """A small model decodes on one torch thread; with two free cores its batches go to two threads
+    (one batch is split in two), and every text is the one-thread decoder's."""
+    import esnb._cpu as cpu
+
+    model, tok = tiny
+    _, test = cd.load_split()
+    many = [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:80]]
+    serial = generate(model, tok, many, max_new_tokens=24, batch_size=64, threads=1)
+    seen = []
+    real = gen._generate_batches_threaded
+
+    def spy(*args, **kwargs):
+        seen.append((len(args[3]), args[5]))  # (batches, workers)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_generate_batches_threaded", spy)
+    monkeypatch.setattr(cpu, "free_cores", lambda: 2)
+    assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial        # 2 batches, 2 threads
+    assert generate(model, tok, many, max_new_tokens=24, batch_size=256) == serial       # 1 batch, split
+    assert generate(model, tok, many[:8], max_new_tokens=24, batch_size=256) == serial[:8]  # too few: one thread
+    assert seen == [(2, 2), (2, 2)]
+    monkeypatch.setattr(cpu, "free_cores", lambda: 1)  # another process holds a core: one thread
+    assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial and len(seen) == 2
