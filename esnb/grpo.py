@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .runlog import ResultTables
+from .runlog import ResultTables, match_umask
 
 __all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "measure_memory", "PeakRSS",
            "rss_bytes", "training_state_bytes"]
@@ -522,6 +522,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
         def on_save(self, args, state, control, **kw):
             # TRL has just written its checkpoint: the rows up to it go beside it
             t = time.perf_counter()
+            match_umask(output_dir / CHECKPOINTS)  # torch and safetensors write some files 0600
             save_progress(result, output_dir)
             clock["paused"] += time.perf_counter() - t
 
@@ -654,6 +655,7 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
             result.model.save_pretrained(out / FINAL)
             if result.tokenizer is not None:
                 result.tokenizer.save_pretrained(out / FINAL)
+            match_umask(out / FINAL)  # safetensors writes model.safetensors 0600
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

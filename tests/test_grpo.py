@@ -116,6 +116,11 @@ def test_model_is_left_clean_and_saved_run_reloads(trained):
     assert loaded.accuracy_after == res.accuracy_after
     assert loaded.config == res.config
     assert json.loads((out / "summary.json").read_text())["samples"] == 96
+    from esnb.runlog import umask
+
+    mask = umask()  # every file as an ordinary open() makes it (safetensors alone writes 0600)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (out / "final").iterdir()} == \
+        {p.name: oct(0o666 & ~mask) for p in (out / "final").iterdir()}
 
 
 def test_kl_penalty_uses_an_in_memory_reference():
@@ -320,6 +325,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_grpo(model, tok, Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "killed", callback=stop_after_step_3)
     assert (tmp_path / "killed" / "checkpoints" / "checkpoint-2").is_dir()
+    from esnb.runlog import umask
+
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "killed" / "checkpoints").rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~umask()}
     assert len(load_result(tmp_path / "killed").log_rows) == 2  # what the checkpoint holds
     with pytest.raises(FileExistsError, match="resume=True"):  # a killed run is still a run
         train_grpo(*fresh_model(2), Digits(), ITEMS, ITEMS, cfg, output_dir=tmp_path / "killed")
