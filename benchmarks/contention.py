@@ -46,15 +46,12 @@ def worker(kind: str, iterations: int) -> dict:
         result = ft.finetune(model, tok, task, train, test, cfg, progress=False)
         secs = [float(x) for x in result.log["iter_seconds"]]
     else:
-        import tempfile
-
         from esnb.grpo import GRPORunConfig, train_grpo
 
-        with tempfile.TemporaryDirectory() as out:
-            cfg = GRPORunConfig(steps=iterations, prompts_per_step=2, num_generations=8, learning_rate=1e-5,
-                                eval_every=0, progress=False)
-            result = train_grpo(model, tok, task, train[:64], test[:8], cfg, output_dir=out)
-            secs = [float(x) for x in result.log["iter_seconds"]]
+        cfg = GRPORunConfig(steps=iterations, prompts_per_step=2, num_generations=8, learning_rate=1e-5,
+                            eval_every=0, progress=False)
+        result = train_grpo(model, tok, task, train[:64], test[:8], cfg)
+        secs = [float(x) for x in result.log["iter_seconds"]]
     return {"seconds": secs[1:] if len(secs) > 1 else secs}
 
 

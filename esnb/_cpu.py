@@ -79,13 +79,18 @@ def free_cores() -> int:
     return max(1, cores - int(load + 0.5))
 
 
+def threads_now(cap: int) -> int:
+    """PyTorch threads to run on now: ``cap``, or fewer when other processes hold cores."""
+    return max(1, min(cap, free_cores()))
+
+
 @contextmanager
 def share_cores(cap: int | None = None) -> Iterator[int]:
-    """Run the block with PyTorch on ``min(cap or its current threads, free_cores())`` threads,
+    """Run the block with PyTorch on :func:`threads_now` of ``cap`` (default: its current threads),
     restoring the setting after; yields the number used. On an idle machine this is the current
     setting (so an explicit ``torch.set_num_threads`` or ``--threads`` is kept as the ceiling)."""
     old = torch.get_num_threads()
-    n = max(1, min(cap or old, free_cores()))
+    n = threads_now(cap or old)
     if n != old:
         torch.set_num_threads(n)
     try:

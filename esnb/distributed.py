@@ -221,11 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
 
-    # The output folder was checked by every rank above (the CLI's checks), before any could write
-    # to it; what the trainer refuses later is said in one line by rank 0 as well.
-    def refuse(message: str) -> None:
-        ap.exit(2, f"{ap.prog}: error: {message.splitlines()[0] if message else 'refused'}\n")
-
     rank, world = setup()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if settings.get("threads"):
@@ -273,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  progress=lead and not settings.get("no_progress"), overwrite=bool(args.overwrite),
                                  metadata={"cli": settings, "world_size": world},
                                  population_evaluator=population_evaluator())
-        except (ValueError, FileExistsError, ft.RunLocked) as e:  # refused settings: one line from rank 0
-            refuse(str(e))
+        except (ValueError, FileExistsError, ft.RunLocked) as e:  # refused settings: one line, from rank 0 (ap.exit)
+            ap.exit(2, f"{ap.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         if lead:
             print(f"done: {config.iterations} iterations on {world} processes, held-out accuracy "
                   f"{result.accuracy_before:.3f} -> {result.accuracy_after:.3f}, "

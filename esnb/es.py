@@ -289,12 +289,16 @@ class ES:
             self.params.clear_noise_cache()  # a new iteration: the last one's noise is not needed again
             cfg = self.config
             if cfg.antithetic:
-                seeds = iteration_seeds(cfg.seed, self.iteration, cfg.population_size // 2)
+                seeds = self._draw_seeds(cfg.population_size // 2)
                 self._members = [Member(2 * k + j, s, 1 - 2 * j) for k, s in enumerate(seeds) for j in (0, 1)]
             else:
-                seeds = iteration_seeds(cfg.seed, self.iteration, cfg.population_size)
+                seeds = self._draw_seeds(cfg.population_size)
                 self._members = [Member(k, s, 1) for k, s in enumerate(seeds)]
         return self._members
+
+    def _draw_seeds(self, count: int) -> list[int]:
+        """The ``count`` member seeds of the current iteration (one per +/- pair when antithetic)."""
+        return iteration_seeds(self.config.seed, self.iteration, count)
 
     @contextmanager
     def perturbed(self, member: Member) -> Iterator[None]:
@@ -463,10 +467,16 @@ def paper_iteration_seeds(seed: int, iteration: int, count: int) -> list[int]:
     for name, value in (("seed", seed), ("iteration", iteration), ("count", count)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    rng = _paper_rng_at(seed, iteration, count)
+    return [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=int(count), dtype=np.int64)]
+
+
+def _paper_rng_at(seed: int, iteration: int, count: int) -> np.random.RandomState:
+    """The paper's numpy state seeded with ``seed`` after the draws of iterations 0 .. iteration-1."""
     rng = np.random.RandomState(int(seed))
     for _ in range(int(iteration)):
         rng.randint(0, PAPER_SEED_HIGH, size=int(count), dtype=np.int64)
-    return [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=int(count), dtype=np.int64)]
+    return rng
 
 
 class PaperSeedsES(ES):
@@ -477,26 +487,14 @@ class PaperSeedsES(ES):
     A seed log records the seeds themselves, so :func:`esnb.runlog.replay` needs no schedule;
     :class:`esnb.finetune.FinetuneConfig` (``seeds="paper"``) records which one made them."""
 
-    def ask(self) -> list[Member]:
-        if self._members is None:
-            self.params.clear_noise_cache()  # a new iteration: the last one's noise is not needed again
-            cfg = self.config
-            cache = getattr(self, "_paper_rng", None)  # (next iteration, its RandomState): one draw per iteration
-            count = cfg.population_size // 2 if cfg.antithetic else cfg.population_size
-            if cache is not None and cache[0] == self.iteration:
-                rng = cache[1]
-                seeds = [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)]
-            else:  # a fresh start, a resume or a loaded state: draw the schedule up to here
-                rng = np.random.RandomState(cfg.seed)
-                for _ in range(self.iteration):
-                    rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)
-                seeds = [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)]
-            self._paper_rng = (self.iteration + 1, rng)
-            if cfg.antithetic:
-                self._members = [Member(2 * k + j, s, 1 - 2 * j) for k, s in enumerate(seeds) for j in (0, 1)]
-            else:
-                self._members = [Member(k, s, 1) for k, s in enumerate(seeds)]
-        return self._members
+    def _draw_seeds(self, count: int) -> list[int]:
+        cache = getattr(self, "_paper_rng", None)  # (next iteration, its RandomState): one draw per iteration
+        if cache is not None and cache[0] == self.iteration:
+            rng = cache[1]
+        else:  # a fresh start, a resume or a loaded state: draw the schedule up to here
+            rng = _paper_rng_at(self.config.seed, self.iteration, count)
+        self._paper_rng = (self.iteration + 1, rng)
+        return [int(s) for s in rng.randint(0, PAPER_SEED_HIGH, size=count, dtype=np.int64)]
 
 
 def es_gradient(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, sigma: float, population_size: int,

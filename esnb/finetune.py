@@ -419,14 +419,13 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def prompt_fingerprint(task: Any, tokenizer: Any, train_items: Sequence[Any], test_items: Sequence[Any]) -> dict:
+def prompt_fingerprint(train_prompts: Sequence[str], test_prompts: Sequence[str]) -> dict:
     """What a run's puzzles and prompts were: a hash of all its training prompts, in order, and one
     hash per held-out prompt for the first 8 (the held-out count may change on resume). Stored in
     ``config.json``; a resume whose prompts differ (another ``--data`` file, another prompt style)
     is refused instead of silently training on other puzzles."""
-    prompts = [task.prompt(x, tokenizer) for x in train_items]
-    return {"train": _short_hash(json.dumps([str(p) for p in prompts])), "n_train": len(prompts),
-            "test_first": [_short_hash(str(task.prompt(x, tokenizer))) for x in test_items[:8]]}
+    return {"train": _short_hash(json.dumps([str(p) for p in train_prompts])), "n_train": len(train_prompts),
+            "test_first": [_short_hash(str(p)) for p in test_prompts[:8]]}
 
 
 def _check_resume_prompts(saved: dict | None, now: dict, where: Path) -> None:
@@ -442,18 +441,20 @@ def _check_resume_prompts(saved: dict | None, now: dict, where: Path) -> None:
                          f"would mix two test sets; resume with the settings the run was made with")
 
 
-def output_refusal(out: Path, overwrite: bool, resume: bool = False) -> str | None:
+def output_refusal(out: Path, overwrite: bool, resume: bool = False, cli: bool = False) -> str | None:
     """Why a new run may not be written to ``out`` (``None``: it may): a run is already there
     (resume it, or overwrite), or the folder holds something else (a model, say), which is never
-    written over unless ``overwrite``."""
+    written over unless ``overwrite``. ``cli``: the advice names the command line's flags."""
     out = Path(out)
     existing = (out / "log.jsonl").exists() or (out / CHECKPOINT).exists()
     if existing and not overwrite and not resume:
-        return f"{out} already holds a run; pass resume=True to continue it or overwrite=True"
+        return (f"{out} already holds a run; continue it with --resume {out}, replace it with --overwrite, or "
+                f"choose another folder" if cli else
+                f"{out} already holds a run; pass resume=True to continue it or overwrite=True")
     foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
     if foreign and not existing and not overwrite:  # e.g. a model folder: never overwrite it
         return (f"{out} is not empty and holds no run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                f"choose a new or empty folder, or pass overwrite=True")
+                f"choose a new or empty folder, or pass {'--overwrite' if cli else 'overwrite=True'}")
     return None
 
 
@@ -523,6 +524,22 @@ def score_members(es: ES, members: Sequence[Any], model: Any, tokenizer: Any, ta
     return rewards, accs
 
 
+def _under_its_decoder(run: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
+    """Run ``run`` under its config's decoder (:func:`esnb.generation.decoder`), so that every
+    completion of a run, training and held-out, comes from the one decoder the config names."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def decoding(*args: Any, **kwargs: Any) -> FinetuneResult:
+        config = signature.bind(*args, **kwargs).arguments.get("config") or FinetuneConfig()
+        with decoder(config.decoder):
+            return run(*args, **kwargs)
+    return decoding
+
+
 def _one_writer(run: Callable[..., FinetuneResult]) -> Callable[..., FinetuneResult]:
     """Hold the run folder's :class:`esnb.runlog.RunLock` for the whole of ``run`` (when it has an
     ``output_dir``): a second run on the same folder is refused instead of interleaving logs."""
@@ -545,6 +562,7 @@ def _one_writer(run: Callable[..., FinetuneResult]) -> Callable[..., FinetuneRes
 
 
 @_one_writer
+@_under_its_decoder
 def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
              test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
              output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
@@ -579,19 +597,6 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     processes and gathers their rewards.
     """
     config = config or FinetuneConfig()
-    with decoder(config.decoder):  # every completion of the run, training and held-out, from one decoder
-        return _finetune(model, tokenizer, task, train_items, test_items, config, output_dir, callback, resume,
-                         overwrite, progress, metadata, population_evaluator, noise_cache)
-
-
-def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
-             test_items: Sequence[Any] | None = None, config: FinetuneConfig | None = None,
-             output_dir: str | os.PathLike | None = None, callback: Callable[[FinetuneResult], None] | None = None,
-             resume: bool = False, overwrite: bool = False, progress: bool = True,
-             metadata: dict | None = None, population_evaluator: Callable | None = None,
-             noise_cache: int | str | None = "auto") -> FinetuneResult:
-    """The body of :func:`finetune` (which holds the lock and sets the decoder)."""
-    config = config or FinetuneConfig()
     train_items, test_items = resolve_items(task, train_items, test_items)
     if len(train_items) < config.train_size:
         raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
@@ -601,9 +606,11 @@ def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] 
     if not test_items:
         raise ValueError("test_items: held-out evaluation needs at least one item")
     max_new = config.max_new_tokens or task.max_new_tokens
+    train_prompts = [task.prompt(item, tokenizer) for item in train_items]
+    test_prompts = [task.prompt(item, tokenizer) for item in test_items]
     # before anything is written: a prompt past the model's context is refused, not trained on
-    check_context(model, tokenizer, [task.prompt(item, tokenizer) for item in train_items], max_new, "training")
-    check_context(model, tokenizer, [task.prompt(item, tokenizer) for item in test_items], max_new, "held-out")
+    check_context(model, tokenizer, train_prompts, max_new, "training")
+    check_context(model, tokenizer, test_prompts, max_new, "held-out")
     if not config.early_stop and tuple(getattr(task, "stop_strings", ()) or ()):
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
@@ -618,7 +625,6 @@ def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] 
     if out is not None:
         result.output_dir = out
         ckpt_path = out / CHECKPOINT
-        existing = (out / "log.jsonl").exists() or ckpt_path.exists()
         remove_stale_temps(out)  # a killed run's half-written checkpoint (we hold the lock)
         ckpt = None
         if resume and ckpt_path.exists():
@@ -631,7 +637,7 @@ def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] 
                 ckpt = None
                 print(f"note: {ckpt_path} is damaged ({type(e).__name__}); rebuilding the weights from the "
                       f"seed log instead", file=sys.stderr)
-        fingerprint = prompt_fingerprint(task, tokenizer, train_items, test_items)
+        fingerprint = prompt_fingerprint(train_prompts, test_prompts)
         if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
             # a run saved before the ``seeds`` field drew esnb's seeds: resuming it needs seeds="esnb"
             saved_meta = read_run_config(out)
@@ -683,8 +689,6 @@ def _finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] 
             for stale in (CHECKPOINT, EVAL_LOG, SAMPLES_BEFORE, SAMPLES_AFTER):
                 if (out / stale).exists():
                     (out / stale).unlink()
-
-    train_prompts = [task.prompt(item, tokenizer) for item in train_items]
 
     def held_out(log_row: bool = True) -> None:
         t0 = time.perf_counter()
@@ -982,14 +986,9 @@ def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         ap.error(f"--output: {out} is a file, not a folder")
-    if not args.overwrite:
-        if (out / "log.jsonl").exists() or (out / CHECKPOINT).exists():
-            ap.error(f"--output: {out} already holds a run; continue it with --resume {out}, replace it with "
-                     f"--overwrite, or choose another folder")
-        foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK] if out.is_dir() else []
-        if foreign:  # a model folder, someone's data: never written over without being asked
-            ap.error(f"--output: {out} is not empty and holds no run ({', '.join(foreign[:3])}"
-                     f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder, or pass --overwrite")
+    refused = output_refusal(out, bool(args.overwrite), cli=True)  # a run, a model folder: never written over
+    if refused:
+        ap.error(f"--output: {refused}")
     settings = dict(given)
     settings["task_options"] = _parse_task_options(ap, settings.pop("task_option", None))
     model = settings["model"]

@@ -61,6 +61,7 @@ def _hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
         out.extend(_truncate(t, stop_strings) if stop_strings else t for t in texts)
     return out
 
+
 SMALL_MODEL = 20_000_000  # parameters; below this, generation runs on one CPU thread
 
 
@@ -550,9 +551,8 @@ def _generate_batches_threaded(model, tokenizer, prompts, batches, results, work
 
     def run(k: int) -> list[str]:
         torch.set_num_threads(1)
-        with torch.no_grad():
-            return _generate_batch(model, tokenizer, None, max_new_tokens, token_stops, text_stops, eos, use_fast,
-                                   encoded=encoded[k])
+        return _generate_batch(model, tokenizer, None, max_new_tokens, token_stops, text_stops, eos, use_fast,
+                               encoded=encoded[k])
 
     with ThreadPoolExecutor(workers, thread_name_prefix="esnb-decode") as pool:
         for idx, texts in zip(batches, pool.map(run, range(len(batches)))):
@@ -597,23 +597,18 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     threads = _auto_threads(model, threads)
     if threads:
         torch.set_num_threads(threads)
-    if _DECODER.get() == "generate":
-        try:
-            return _hf_generate(model, tokenizer, prompts, max_new_tokens, tuple(stop_strings), batch_size)
-        finally:
-            model.train(was_training)
-            if threads:
-                torch.set_num_threads(old_threads)
-    eos = _eos_ids(model, tokenizer)
-    token_stops, text_stops = _split_stops(tokenizer, stop_strings)
-    use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[str] = [""] * len(prompts)
-    workers = _batch_workers(model, asked_threads, len(prompts), batch_size)
-    if workers > 1 and len(prompts) <= batch_size:
-        batch_size = -(-len(prompts) // workers)  # one batch per worker (the texts do not depend on it)
-    batches = [order[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
     try:
+        if _DECODER.get() == "generate":
+            return _hf_generate(model, tokenizer, prompts, max_new_tokens, tuple(stop_strings), batch_size)
+        eos = _eos_ids(model, tokenizer)
+        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
+        use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[str] = [""] * len(prompts)
+        workers = _batch_workers(model, asked_threads, len(prompts), batch_size)
+        if workers > 1 and len(prompts) <= batch_size:
+            batch_size = -(-len(prompts) // workers)  # one batch per worker (the texts do not depend on it)
+        batches = [order[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
         if workers > 1:
             _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens,
                                        token_stops, text_stops, eos, use_fast)

@@ -351,14 +351,12 @@ _RESUMABLE = {"steps", "eval_every", "checkpoint_every", "threads", "progress", 
 def _resume_state(out: Path, config: GRPORunConfig) -> dict:
     """What a resume of the run in ``out`` starts from: its last checkpoint and the rows logged up
     to it. Refuses, in one line, a folder without a run or checkpoint, or other settings."""
-    if not (out / "config.json").is_file():
-        raise ValueError(f"{out}: cannot resume: no GRPO run here (no config.json)")
-    saved = json.loads((out / "config.json").read_text()).get("grpo")
-    if not isinstance(saved, dict):
-        raise ValueError(f"{out}: cannot resume: config.json holds no GRPO settings")
-    now = config.to_dict()
-    diffs = [f"{k}: {saved[k]!r} in the run, {now[k]!r} now" for k in now
-             if k not in _RESUMABLE and k in saved and saved[k] != now[k]]
+    try:
+        saved = load_result(out)
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{out}: cannot resume: no GRPO run here ({str(e).splitlines()[0]})") from None
+    run, now = saved.config.to_dict(), config.to_dict()
+    diffs = [f"{k}: {run[k]!r} in the run, {now[k]!r} now" for k in now if k not in _RESUMABLE and run[k] != now[k]]
     if diffs:
         raise ValueError(f"{out}: cannot resume with other settings ({'; '.join(diffs)})")
     checkpoints = sorted((p for p in (out / CHECKPOINTS).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -367,17 +365,11 @@ def _resume_state(out: Path, config: GRPORunConfig) -> dict:
         raise ValueError(f"{out}: cannot resume: no checkpoint (the run had checkpoint_every=0, or was killed "
                          f"before its first)")
     step = int(checkpoints[-1].name.split("-")[-1])
-
-    def rows(name: str) -> list[dict]:
-        path = out / name
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-    log = [r for r in rows("log.jsonl") if r["iteration"] < step]
+    log = [r for r in saved.log_rows if r["iteration"] < step]
     if len(log) != step:
         raise ValueError(f"{out}: cannot resume: log.jsonl has {len(log)} of the {step} steps its checkpoint holds")
-    return {"checkpoint": checkpoints[-1], "step": step, "log": log,
-            "evals": [r for r in rows("eval.jsonl") if r["iteration"] <= step],
-            "samples_before": rows("samples_before.jsonl")}
+    return {"checkpoint": checkpoints[-1], "log": log, "evals": [r for r in saved.eval_rows if r["iteration"] <= step],
+            "samples_before": saved.samples_before}
 
 
 def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
@@ -390,7 +382,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
 
-    from ._cpu import free_cores
+    from ._cpu import threads_now
     from .generation import _split_stops, _truncate, evaluate
 
     from .finetune import resolve_items
@@ -413,14 +405,11 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     clock = {"t0": 0.0, "paused": 0.0, "last": 0.0, "offset": 0.0}
     counter = {"samples": 0, "rewards": [], "correct": []}
     if resume_state is not None:  # the rows up to the checkpoint; training time goes on from there
-        import pandas as pd
-
-        result.log_rows, result.eval_rows = list(resume_state["log"]), list(resume_state["evals"])
+        result.log_rows, result.eval_rows = resume_state["log"], resume_state["evals"]
+        result.samples_before = resume_state["samples_before"]
         if result.log_rows:
             counter["samples"] = int(result.log_rows[-1]["samples"])
             clock["offset"] = float(result.log_rows[-1]["seconds"])
-        if resume_state["samples_before"]:
-            result.samples_before = pd.DataFrame(resume_state["samples_before"])
 
     def held_out(step: int) -> None:
         t = time.perf_counter()
@@ -459,13 +448,13 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     prev: dict[str, torch.Tensor] = {}
     bar = None
 
-    threads = {"base": torch.get_num_threads()}
+    base_threads = torch.get_num_threads()  # the ceiling; fewer while other processes hold cores
 
     class _Log(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             # fewer threads while another process holds a core (esnb._cpu): a step otherwise waits
             # for the thread that shares that core at every parallel region
-            n = max(1, min(threads["base"], free_cores()))
+            n = threads_now(base_threads)
             if n != torch.get_num_threads():
                 torch.set_num_threads(n)
 
@@ -527,7 +516,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
             clock["paused"] += time.perf_counter() - t
 
         def on_train_end(self, args, state, control, **kw):
-            torch.set_num_threads(threads["base"])
+            torch.set_num_threads(base_threads)
             if bar is not None:
                 bar.close()
 
@@ -585,7 +574,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
         result.state_bytes = training_state_bytes(model, trainer.optimizer,
                                                   getattr(trainer, "ref_model", None))
     finally:
-        torch.set_num_threads(threads["base"])  # also when training stopped with an error
+        torch.set_num_threads(base_threads)  # also when training stopped with an error
         gen_cfg.eos_token_id = saved_eos
         hf_logging.set_verbosity(verbosity)
         if not had_forward and "forward" in vars(model):
@@ -631,15 +620,18 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def save_progress(result: GRPOResult, output_dir: str | os.PathLike) -> None:
-    """The run so far (config, log, evaluations, first samples), atomically: what a resume reads."""
+def save_progress(result: GRPOResult, output_dir: str | os.PathLike, **meta: Any) -> None:
+    """The run so far (config and ``meta``, log, evaluations, samples), each file atomically: what
+    a resume reads, and at the end all of the run but the model and summary."""
     out = Path(output_dir)
     _jsonl(out / "log.jsonl", result.log_rows)
     _jsonl(out / "eval.jsonl", result.eval_rows)
-    if result.samples_before is not None:
-        _jsonl(out / "samples_before.jsonl", result.samples_before.to_dict("records"))
+    for name, frame in (("samples_before.jsonl", result.samples_before),
+                        ("samples_after.jsonl", result.samples_after)):
+        if frame is not None:
+            _jsonl(out / name, frame.to_dict("records"))
     model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
-    _json_file(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id})
+    _json_file(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id, **meta})
 
 
 def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
@@ -659,16 +651,7 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-    _jsonl(out / "log.jsonl", result.log_rows)
-    _jsonl(out / "eval.jsonl", result.eval_rows)
-    for name, frame in (("samples_before.jsonl", result.samples_before),
-                        ("samples_after.jsonl", result.samples_after)):
-        if frame is not None:
-            _jsonl(out / name, frame.to_dict("records"))
-    model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
-    meta = {"grpo": result.config.to_dict(), "model": model_id, "peak_rss": result.peak_rss,
-            "cuda_peak": result.cuda_peak, "state_bytes": result.state_bytes}
-    _json_file(out / "config.json", meta)
+    save_progress(result, out, peak_rss=result.peak_rss, cuda_peak=result.cuda_peak, state_bytes=result.state_bytes)
     _json_file(out / "summary.json", result.summary())
     return out
 

@@ -283,6 +283,7 @@ class ParameterSet:
         self._cache: dict[int, int] = {}  # member seed -> its slot in _slots
         self._slots: list[tuple[list[torch.Tensor], list[bool]]] = []  # (noise per tensor, drawn yet?)
         self._cache_budget = 0  # bytes; 0 = no cache
+        self._cache_lock = threading.Lock()  # worker threads take slots
 
     # -- noise -----------------------------------------------------------------------------
     def _buffer(self, index: int, slot: str = "noise") -> torch.Tensor:
@@ -328,10 +329,7 @@ class ParameterSet:
             if not free:
                 if (len(self._slots) + 1) * self.master_bytes_total > self._cache_budget:
                     return None
-                views = []
-                for m in self.master:
-                    views.append(torch.empty_like(m))
-                self._slots.append((views, [False] * len(self.master)))
+                self._slots.append(([torch.empty_like(m) for m in self.master], []))
                 free = [len(self._slots) - 1]
             k = free[0]
             self._slots[k] = (self._slots[k][0], [False] * len(self.master))
@@ -352,8 +350,6 @@ class ParameterSet:
         if seed in self._cache:
             return self._buffer(index).copy_(self.eps(seed, index))
         return noise_into(self._buffer(index), seed, index, self.noise_source)
-
-    _cache_lock = threading.Lock()
 
     @property
     def master_bytes_total(self) -> int:
