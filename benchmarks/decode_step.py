@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     prompts = [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:args.rows]]
     if args.model != "tiny":
         prompts = [f"Use {p['numbers']} to make {p['target']}." for p in test[:args.rows]]
-    ids, mask = new._encode_prompts(tok, prompts, "cpu")
+    ids, mask = new.encode_prompts(tok, prompts, "cpu")
     print(f"model {args.model}, {args.rows} rows, {args.steps} steps, {args.threads} thread(s), "
           f"{args.repeats} repetitions (old, new, new, old), {os.cpu_count()} CPU cores (shared: times are inflated, "
           f"the ratio is what counts)")

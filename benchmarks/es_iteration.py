@@ -56,7 +56,7 @@ import torch
 import esnb.finetune as ft
 import esnb.population as population
 from esnb.es import ES, ESConfig, zscore
-from esnb.generation import _encode_prompts, generate
+from esnb.generation import encode_prompts, generate
 from esnb.models import load_model
 from esnb.noise import PARALLEL_NOISE_MIN, stream_seed
 from esnb.tasks import get_task
@@ -67,7 +67,7 @@ DEFAULTS = {  # model -> (N, prompts, max new tokens, dtype, repetitions, sigma,
 }
 
 
-def _truncate(text: str, stops) -> str:
+def truncate_at_stops(text: str, stops) -> str:
     for s in stops:
         k = text.find(s)
         if k >= 0:
@@ -84,11 +84,11 @@ def reference_iteration(model, tok, task, prompts, items, seeds, sigma, alpha, m
         for i, p in enumerate(params):
             gen = torch.Generator(device=p.device).manual_seed(stream_seed(s, i))
             p.add_(sigma * torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype))
-        ids, mask = _encode_prompts(tok, prompts, model.device)  # left padding, as esnb's decoder
+        ids, mask = encode_prompts(tok, prompts, model.device)  # left padding, as esnb's decoder
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                              pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        scores = [task.score(_truncate(t, task.stop_strings), it) for t, it in zip(texts, items)]
+        scores = [task.score(truncate_at_stops(t, task.stop_strings), it) for t, it in zip(texts, items)]
         rewards.append(float(np.mean([float(x["reward"]) for x in scores])))
         for i, p in enumerate(params):
             gen = torch.Generator(device=p.device).manual_seed(stream_seed(s, i))

@@ -178,9 +178,9 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
                                 max_new_tokens=settings.max_new_tokens, eval_every=settings.grpo_eval_every,
                                 seed=seed, progress=progress, track_updates=True)
             res = train_grpo(model, tokenizer, task, train, test, cfg, callback=cb)
-            from .finetune import _model_name
+            from .finetune import model_name
 
-            meta = {"grpo": cfg.to_dict(), "model": _model_name(model),  # relative to the repository: no machine paths
+            meta = {"grpo": cfg.to_dict(), "model": model_name(model),  # relative to the repository: no machine paths
                     "state_bytes": res.state_bytes}
             (staging / "config.json").write_text(json.dumps(meta, indent=1, default=float) + "\n")
             (staging / "log.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in res.log_rows))

@@ -40,7 +40,7 @@ SHAPINGS = ("zscore", "centered_rank", "raw")
 OPTIMIZERS = ("sgd", "adam")
 
 
-def _check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False, upper: float | None = None) -> float:
+def check_real(name: str, value, *, positive: bool = False, nonnegative: bool = False, upper: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -85,8 +85,8 @@ class ESConfig:
         if n <= 0:
             raise ValueError(f"population_size must be > 0, got {n}")
         self.population_size = int(n)
-        self.sigma = _check_real("sigma", self.sigma, positive=True)
-        self.alpha = _check_real("alpha", self.alpha, nonnegative=True)
+        self.sigma = check_real("sigma", self.sigma, positive=True)
+        self.alpha = check_real("alpha", self.alpha, nonnegative=True)
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"antithetic must be True or False, got {self.antithetic!r}")
         if self.antithetic and self.population_size % 2:
@@ -95,16 +95,16 @@ class ESConfig:
             raise ValueError(f"shaping must be one of {SHAPINGS}, got {self.shaping!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        self.momentum = _check_real("momentum", self.momentum, nonnegative=True, upper=1.0)
+        self.momentum = check_real("momentum", self.momentum, nonnegative=True, upper=1.0)
         betas = tuple(self.adam_betas) if isinstance(self.adam_betas, (tuple, list)) else None
         if betas is None or len(betas) != 2:
             raise ValueError(f"adam_betas must be a pair of numbers in [0, 1), got {self.adam_betas!r}")
         self.adam_betas = (
-            _check_real("adam_betas[0]", betas[0], nonnegative=True, upper=1.0),
-            _check_real("adam_betas[1]", betas[1], nonnegative=True, upper=1.0),
+            check_real("adam_betas[0]", betas[0], nonnegative=True, upper=1.0),
+            check_real("adam_betas[1]", betas[1], nonnegative=True, upper=1.0),
         )
-        self.adam_eps = _check_real("adam_eps", self.adam_eps, positive=True)
-        self.weight_decay = _check_real("weight_decay", self.weight_decay, nonnegative=True)
+        self.adam_eps = check_real("adam_eps", self.adam_eps, positive=True)
+        self.weight_decay = check_real("weight_decay", self.weight_decay, nonnegative=True)
         s = self.seed
         if isinstance(s, bool) or not isinstance(s, Integral) or s < 0:
             raise ValueError(f"seed must be a non-negative integer, got {s!r}")

@@ -55,7 +55,7 @@ import torch
 from ._cpu import share_cores
 from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
-from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, _atomic_write, load_checkpoint, match_umask, read_log,
+from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, atomic_write, load_checkpoint, match_umask, read_log,
                      read_run_config, remove_stale_temps, save_checkpoint, write_json)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "score_members", "batch_indices", "default_items",
@@ -240,11 +240,11 @@ class FinetuneConfig:
                     raise ValueError(f"{name} must be a torch device string like 'cpu' or 'cuda', got {value!r}") from None
                 setattr(self, name, str(value))
         if self.dtype is not None:
-            from .models import _DTYPES
+            from .models import DTYPES
 
             key = str(self.dtype).replace("torch.", "").lower()
-            if key not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {self.dtype!r}")
+            if key not in DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
             self.dtype = key
         for name in ("save_initial", "save_final"):
             if not isinstance(getattr(self, name), bool):
@@ -345,7 +345,7 @@ def _samples_frame(path: Path):
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     body = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
-    _atomic_write(path, lambda f: f.write(body))
+    atomic_write(path, lambda f: f.write(body))
 
 
 def _json_default(o: Any):
@@ -383,24 +383,24 @@ def _metrics(entries: Sequence[dict]) -> list[dict]:
 def _write_csvs(directory: Path, result: FinetuneResult) -> None:
     for name, frame in (("log.csv", result.log), ("eval.csv", result.evals)):
         data = frame.to_csv(index=False).encode()
-        _atomic_write(directory / name, lambda f, data=data: f.write(data))
+        atomic_write(directory / name, lambda f, data=data: f.write(data))
 
 
 def _prepare_model(model, config: FinetuneConfig):
     if config.device is not None or config.dtype is not None:
-        from .models import _DTYPES
+        from .models import DTYPES
 
         kwargs = {}
         if config.device is not None:
             kwargs["device"] = torch.device(config.device)
         if config.dtype is not None:
-            kwargs["dtype"] = _DTYPES[config.dtype]
+            kwargs["dtype"] = DTYPES[config.dtype]
         model.to(**kwargs)
     model.eval()
     return model
 
 
-def _model_name(model) -> str | None:
+def model_name(model) -> str | None:
     """The model's name_or_path, relative to the repository when it lives there (no machine paths in logs)."""
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     if not name:
@@ -465,9 +465,9 @@ def check_context(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not context or not prompts:
         return
-    from .generation import _encode_prompts
+    from .generation import encode_prompts
 
-    lengths = [len(_encode_prompts(tokenizer, [p], "cpu")[0][0]) for p in prompts]
+    lengths = [len(encode_prompts(tokenizer, [p], "cpu")[0][0]) for p in prompts]
     worst = int(np.argmax(lengths))
     if lengths[worst] + max_new_tokens > context:
         raise ValueError(f"{which} prompt {worst} has {lengths[worst]} tokens; with max_new_tokens={max_new_tokens} "
@@ -677,7 +677,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
             if refused:
                 raise FileExistsError(refused)
             meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
-                    "task_repr": repr(task), "max_new_tokens": max_new, "model": _model_name(model),
+                    "task_repr": repr(task), "max_new_tokens": max_new, "model": model_name(model),
                     "prompts": fingerprint, **(metadata or {})}
             if config.save_initial:
                 runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
@@ -781,9 +781,9 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
 
 def save_final(model: Any, tokenizer: Any, directory: str | os.PathLike) -> Path:
     """Save model and tokenizer in Hugging Face format (``from_pretrained(directory)`` loads them)."""
-    from .models import _quiet_transformers
+    from .models import quiet_transformers
 
-    _quiet_transformers()  # no "Writing model shards" bar in notebooks
+    quiet_transformers()  # no "Writing model shards" bar in notebooks
     directory = Path(directory)
     model.save_pretrained(directory)
     if tokenizer is not None:

@@ -54,11 +54,11 @@ def _hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
-        ids, attn = _encode_prompts(tokenizer, prompts[s:s + batch_size], device)
+        ids, attn = encode_prompts(tokenizer, prompts[s:s + batch_size], device)
         seq = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad)
         texts = tokenizer.batch_decode(seq[:, ids.shape[1]:], skip_special_tokens=True)
-        out.extend(_truncate(t, stop_strings) if stop_strings else t for t in texts)
+        out.extend(truncate_at_stops(t, stop_strings) if stop_strings else t for t in texts)
     return out
 
 
@@ -101,7 +101,7 @@ def cpu_threads(model: Any, threads: int | None = None):
             torch.set_num_threads(old)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     for src in (getattr(tokenizer, "eos_token_id", None),
                 getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -111,7 +111,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _split_stops(tokenizer: Any, stop_strings: Sequence[str]) -> tuple[set[int], list[str]]:
+def split_stops(tokenizer: Any, stop_strings: Sequence[str]) -> tuple[set[int], list[str]]:
     """Stop strings that are exactly one token become token ids; the rest are matched on text."""
     token_stops: set[int] = set()
     text_stops: list[str] = []
@@ -385,7 +385,7 @@ class _LeanLlama:
         return self.logits(h)
 
 
-def _truncate(text: str, stops: Sequence[str]) -> str:
+def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
     """Cut after the first stop string (the stop string itself is kept: ``</answer>`` is part of
     the format the reward checks)."""
     cut = len(text)
@@ -396,7 +396,7 @@ def _truncate(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(input_ids, attention_mask)`` on ``device``."""
     bos = getattr(tokenizer, "bos_token", None)
     # chat-templated prompts already carry their special tokens
@@ -406,7 +406,7 @@ def _encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Te
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-class _GreedyState:
+class GreedyState:
     """The bookkeeping of a batched greedy decode, shared by :func:`generate` and the low-rank
     population decoder: the chosen tokens, which of them are text, which rows are finished."""
 
@@ -453,7 +453,7 @@ class _GreedyState:
         """The kept tokens of each row as text, cut after the first text stop string."""
         out, keep = self.out[:, :self.steps].cpu(), self.keep[:, :self.steps].cpu()
         texts = [tokenizer.decode(row[k].tolist(), skip_special_tokens=True) for row, k in zip(out, keep)]
-        return [_truncate(x, text_stops) if text_stops else x for x in texts]
+        return [truncate_at_stops(x, text_stops) if text_stops else x for x in texts]
 
 
 # drop finished rows from the batch once a quarter of it is done: a batch otherwise runs at full
@@ -465,9 +465,9 @@ _DROP_AT = 0.75
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text_stops, eos,
                     fast=False, encoded=None):
     device = next(model.parameters()).device
-    ids, mask = encoded if encoded is not None else _encode_prompts(tokenizer, prompts, device)
+    ids, mask = encoded if encoded is not None else encode_prompts(tokenizer, prompts, device)
     batch = ids.shape[0]
-    state = _GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
+    state = GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
     max_stop = max((len(s) for s in text_stops), default=0)
 
     if fast:
@@ -547,7 +547,7 @@ def _generate_batches_threaded(model, tokenizer, prompts, batches, results, work
     from concurrent.futures import ThreadPoolExecutor
 
     device = next(model.parameters()).device
-    encoded = [_encode_prompts(tokenizer, [prompts[i] for i in idx], device) for idx in batches]
+    encoded = [encode_prompts(tokenizer, [prompts[i] for i in idx], device) for idx in batches]
 
     def run(k: int) -> list[str]:
         torch.set_num_threads(1)
@@ -600,8 +600,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     try:
         if _DECODER.get() == "generate":
             return _hf_generate(model, tokenizer, prompts, max_new_tokens, tuple(stop_strings), batch_size)
-        eos = _eos_ids(model, tokenizer)
-        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
+        eos = eos_ids(model, tokenizer)
+        token_stops, text_stops = split_stops(tokenizer, stop_strings)
         use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[str] = [""] * len(prompts)

@@ -383,7 +383,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     from trl import GRPOConfig, GRPOTrainer
 
     from ._cpu import threads_now
-    from .generation import _split_stops, _truncate, evaluate
+    from .generation import split_stops, truncate_at_stops, evaluate
 
     from .finetune import resolve_items
 
@@ -398,7 +398,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
     max_new = config.max_new_tokens or task.max_new_tokens
-    token_stops, text_stops = _split_stops(tokenizer, getattr(task, "stop_strings", ()))
+    token_stops, text_stops = split_stops(tokenizer, getattr(task, "stop_strings", ()))
     token_stops = sorted(token_stops)
     result = GRPOResult(config=config, model=model, tokenizer=tokenizer,
                         output_dir=Path(output_dir) if output_dir is not None else None)
@@ -437,7 +437,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     def task_reward(prompts, completions, item_index, **_: Any) -> list[float]:
         out = []
         for text, idx in zip(completions, item_index):
-            s = task.score(_truncate(text, text_stops) if text_stops else text, train_items[int(idx)])
+            s = task.score(truncate_at_stops(text, text_stops) if text_stops else text, train_items[int(idx)])
             out.append(float(s["reward"]))
             counter["correct"].append(bool(s.get("correct", False)))
         counter["samples"] += len(completions)
@@ -601,17 +601,17 @@ def _install_reference(trainer: Any, ref_copy: Any, beta: float) -> None:
 
 
 def _jsonl(path: Path, rows: Sequence[dict]) -> None:
-    from .runlog import _atomic_write
+    from .runlog import atomic_write
 
     data = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _json_file(path: Path, obj: Any) -> None:
-    from .runlog import _atomic_write
+    from .runlog import atomic_write
 
     data = (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _json_default(o: Any):

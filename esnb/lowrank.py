@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .es import ES, Adam, ESConfig, Member
-from .generation import (_encode_prompts, _eos_ids, _GreedyState, _plain_llama_ok, _split_stops, cpu_threads,
+from .generation import (encode_prompts, eos_ids, GreedyState, _plain_llama_ok, split_stops, cpu_threads,
                          generate)
 from .noise import _generator, noise_like, stream_seed
 
@@ -347,12 +347,12 @@ def generate_population(es: LowRankES, members: Sequence[Member], model: Any, to
         return out
     with cpu_threads(model, threads):
         device = next(model.parameters()).device
-        eos = _eos_ids(model, tokenizer)
-        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
-        ids, attn = _encode_prompts(tokenizer, prompts, device)
+        eos = eos_ids(model, tokenizer)
+        token_stops, text_stops = split_stops(tokenizer, stop_strings)
+        ids, attn = encode_prompts(tokenizer, prompts, device)
         M, B = len(members), ids.shape[0]
         rows = M * B
-        state = _GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, device)
+        state = GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, device)
         dec = _PopLlama(model, es, members)
         logits = dec.prefill(ids, attn, max_new_tokens)
         for t in range(max_new_tokens):

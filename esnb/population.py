@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .generation import (SMALL_MODEL, _DROP_AT, current_decoder, _encode_prompts, _eos_ids, _fast_llama_ok, _GreedyState,
-                         _LeanLlama, _machine_busy, _split_stops)
+from .generation import (SMALL_MODEL, _DROP_AT, current_decoder, encode_prompts, eos_ids, _fast_llama_ok, GreedyState,
+                         _LeanLlama, _machine_busy, split_stops)
 
 __all__ = ["use_population", "generate_members", "score_population", "MEMORY_BUDGET"]
 
@@ -166,7 +166,7 @@ class _PopLean(_LeanLlama):
 def _decode_chunk(model, es, members, tokenizer, ids, attn, max_new_tokens, eos, token_stops, text_stops):
     M, B = len(members), ids.shape[0]
     rows = M * B
-    state = _GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, ids.device)
+    state = GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, ids.device)
     max_stop = max((len(s) for s in text_stops), default=0)
     dec = _PopLean(model, es, members)
     logits = dec.prefill(ids, attn, max_new_tokens)
@@ -226,13 +226,13 @@ def generate_members(es: Any, members: Sequence[Any], model: Any, tokenizer: Any
     model.eval()
     try:
         device = next(model.parameters()).device
-        eos = _eos_ids(model, tokenizer)
-        token_stops, text_stops = _split_stops(tokenizer, stop_strings)
+        eos = eos_ids(model, tokenizer)
+        token_stops, text_stops = split_stops(tokenizer, stop_strings)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out = [[""] * len(prompts) for _ in members]
         for s in range(0, len(prompts), batch_size):
             idx = order[s:s + batch_size]
-            ids, attn = _encode_prompts(tokenizer, [prompts[i] for i in idx], device)
+            ids, attn = encode_prompts(tokenizer, [prompts[i] for i in idx], device)
             step = members_per_pass or _chunk_size(model, len(members), len(idx), ids.shape[1] + max_new_tokens)
             for c in range(0, len(members), step):
                 chunk = members[c:c + step]

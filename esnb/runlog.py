@@ -206,7 +206,7 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------- atomic files
 
 
-def _atomic_write(path: str | os.PathLike, write) -> Path:
+def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(file)`` on a temp file beside ``path``, fsync, then ``os.replace`` it onto ``path``.
     The file gets the mode the umask gives (mkstemp alone makes it 0600)."""
     path = Path(path)
@@ -230,7 +230,7 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` (e.g. ``{"es": es.state_dict(), "rng": ...}``) with ``torch.save``, atomically."""
-    return _atomic_write(path, lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
@@ -244,7 +244,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """JSON, atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_run_config(directory: str | os.PathLike) -> dict:
@@ -353,7 +353,7 @@ class RunLog:
                 raise ValueError(f"{path} ends at iteration {have - 1}; cannot resume at {resume_at}")
         # Rewrite the kept lines (atomically) so that a cut-off or stale tail is gone.
         body = "".join(log_line(e) + "\n" for e in entries).encode()
-        _atomic_write(path, lambda f: f.write(body))
+        atomic_write(path, lambda f: f.write(body))
         nxt = entries[-1]["iteration"] + 1 if entries else start
         return cls(directory, open(path, "a"), nxt)
 
@@ -389,7 +389,7 @@ def save_run(directory: str | os.PathLike, initial_state: dict, history: Iterabl
     write_json(directory / CONFIG, {"config": initial_state["config"], "start_iteration": int(initial_state["iteration"]),
                                     **(metadata or {})})
     body = "".join(log_line(e) + "\n" for e in history).encode()
-    _atomic_write(directory / LOG, lambda f: f.write(body))
+    atomic_write(directory / LOG, lambda f: f.write(body))
     return directory
 
 

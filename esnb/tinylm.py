@@ -261,9 +261,9 @@ def _check_options(ap, opts: dict, out: str) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         ap.error(f"--out: {out} is a file, not a folder")
-    from .models import _writable
+    from .models import writable
 
-    if not _writable(path):  # found out now, not after minutes of training
+    if not writable(path):  # found out now, not after minutes of training
         ap.error(f"--out: {out} cannot be written here")
 
 

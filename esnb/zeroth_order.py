@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
-from .es import ESConfig, _check_real
+from .es import ESConfig, check_real
 
 __all__ = ["mezo_config"]
 
@@ -30,7 +30,7 @@ def mezo_config(lr: float, sigma: float, pairs: int = 1, **kwargs) -> ESConfig:
     """
     if isinstance(pairs, bool) or not isinstance(pairs, Integral) or pairs < 1:
         raise ValueError(f"pairs must be an integer >= 1, got {pairs!r}")
-    lr, sigma = _check_real("lr", lr, nonnegative=True), _check_real("sigma", sigma, positive=True)
+    lr, sigma = check_real("lr", lr, nonnegative=True), check_real("sigma", sigma, positive=True)
     for name in ("population_size", "antithetic", "shaping", "alpha"):
         if name in kwargs:
             raise ValueError(f"{name}: fixed by mezo_config (N = 2 * pairs, antithetic, raw, alpha = lr / sigma)")

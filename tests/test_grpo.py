@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esnb import tinylm
-from esnb.generation import _truncate
+from esnb.generation import truncate_at_stops
 from esnb.grpo import (GRPORunConfig, PeakRSS, load_result, train_grpo,
                        training_state_bytes)
 
@@ -54,8 +54,8 @@ def test_samples_per_step():
 
 def test_cut_keeps_the_stop_string():
     # GRPO scores completions cut exactly as esnb.generation cuts them for ES
-    assert _truncate("a</answer>junk", ["</answer>"]) == "a</answer>"
-    assert _truncate("no stop here", ["</answer>"]) == "no stop here"
+    assert truncate_at_stops("a</answer>junk", ["</answer>"]) == "a</answer>"
+    assert truncate_at_stops("no stop here", ["</answer>"]) == "no stop here"
 
 
 @pytest.fixture(scope="module")

@@ -303,7 +303,7 @@ def test_item4_cache_location_from_the_environment_and_a_read_only_data_falls_ba
     (tmp_path / "ro").write_text("a file: nothing can be created under it, as under a read-only data/")
     monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "ro" / "cache")
     assert models.cache_dirs() == [tmp_path / "ro" / "cache", tmp_path / "xdg" / "esnb"]
-    assert not models._writable(tmp_path / "ro" / "cache") and models._writable(tmp_path / "xdg" / "esnb")
+    assert not models.writable(tmp_path / "ro" / "cache") and models.writable(tmp_path / "xdg" / "esnb")
     # a conversion cached in the fallback is found
     cached = tmp_path / "xdg" / "esnb" / models.SMOLLM2_NAME
     cached.mkdir(parents=True)

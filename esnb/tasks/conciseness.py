@@ -160,9 +160,9 @@ class ConcisenessTask:
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     """The token ids that end a completion (EOS of the tokenizer and of the generation config)."""
-    from ..generation import _eos_ids
+    from ..generation import eos_ids
 
-    ids = sorted(_eos_ids(model, tokenizer))
+    ids = sorted(eos_ids(model, tokenizer))
     if not ids:
         raise ValueError("tokenizer: has no EOS token, so the stop decision cannot be scored")
     return ids
