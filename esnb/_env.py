@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+from .paths import DATA_DIR, NOTEBOOKS_DIR, REPO_ROOT  # noqa: F401 - the names notebooks use
 
 # A custom MIME type lets the headless runner find headline numbers in an executed
 # notebook without scraping printed text.
@@ -145,3 +143,28 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+MAX_VALUE_CHARS = 10_000  # a parameter is a number, a name or a short list; not a file's worth
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value: a Python/JSON literal when it parses as one (3, 0.01, True, [1, 2]), else the string.
+
+    Longer than ``MAX_VALUE_CHARS`` raises ``ValueError`` (deeply nested literals would exhaust
+    the parser; nothing is ever run as code either way)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a string, got {type(text).__name__}")
+    if len(text) > MAX_VALUE_CHARS:
+        raise ValueError(f"value of {len(text):,} characters; at most {MAX_VALUE_CHARS:,} are accepted")
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, json.JSONDecodeError, RecursionError, MemoryError, TypeError):
+            pass
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered in {"none", "null"}:
+        return None
+    return text

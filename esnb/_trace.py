@@ -24,12 +24,10 @@ import importlib.machinery
 import json
 import os
 import sys
-from pathlib import Path
 
 ENV_VAR = "ESNB_TRACE_DIR"
 PACKAGE = "esnb"
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_DIR.parent
+from .paths import REPO_ROOT  # noqa: E402
 WATCHED_DIRS = ("data", "runs")  # inputs a notebook may read, relative to the repository
 HIT = "__esnb_hit__"  # the global name instrumented code calls
 

@@ -208,7 +208,6 @@ def fresh_run(model, tokenizer, task, config, puzzles: Sequence[dict], test_item
     ``output_dir``, ``format.jsonl`` there (so a shipped seed log carries the format-vs-skill curve).
     ``kwargs`` go to ``finetune`` (``overwrite``, ``resume``, ...)."""
     import dataclasses
-    import json
     from pathlib import Path
 
     from .finetune import finetune
@@ -232,5 +231,7 @@ def fresh_run(model, tokenizer, task, config, puzzles: Sequence[dict], test_item
                                                                            config.population_batch), **kwargs)
     result.format_rows = rows
     if output_dir is not None:
-        Path(output_dir, "format.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        from .files import write_jsonl
+
+        write_jsonl(Path(output_dir, "format.jsonl"), rows)
     return result

@@ -410,14 +410,15 @@ def summarize_change(before: nn.Module | dict, after: nn.Module | dict, sample: 
 def save_change_summary(summary: dict, directory: Any, name: str = "weight_change") -> list:
     """Write :func:`summarize_change`'s dict as ``NAME.json`` (everything but the sample) and
     ``NAME_sample.npy`` (the sampled coordinates, float32); returns the two paths."""
-    import json
     from pathlib import Path
+
+    from .files import write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in summary.items() if k != "sample"}
     js, npy = directory / f"{name}.json", directory / f"{name}_sample.npy"
-    js.write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(js, meta, sort_keys=False)
     np.save(npy, np.asarray(summary["sample"], dtype=np.float32))
     return [js, npy]
 

@@ -26,7 +26,6 @@ The defaults of :class:`Settings` are notebook 07's parameters.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -40,6 +39,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .files import read_jsonl
 
 __all__ = ["Settings", "run_name", "parse_run_name", "train_run", "load_run", "main"]
 
@@ -202,7 +203,7 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
         (staging / TRAJECTORY).write_text(json.dumps(record, separators=(",", ":")) + "\n")
         if target.exists():
             shutil.rmtree(target)
-        from .runlog import match_umask
+        from .files import match_umask
 
         staging.rename(target)
         match_umask(target)  # mkdtemp made it private
@@ -229,8 +230,7 @@ def load_run(folder: str | os.PathLike) -> dict:
 
     folder = Path(folder)
     rec = json.loads((folder / TRAJECTORY).read_text())
-    log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines() if x.strip()] \
-        if (folder / "log.jsonl").is_file() else []
+    log = read_jsonl(folder / "log.jsonl", missing_ok=True)
     keep = ("iteration", "reward_mean", "reward_std", "accuracy", "update_norm", "update_rms", "loss", "kl",
             "grad_norm", "mean_length", "iter_seconds", "seconds", "samples")
     return {**{k: rec[k] for k in ("name", "method", "beta", "seed", "settings", "task", "seconds_per_iteration")},
@@ -240,8 +240,10 @@ def load_run(folder: str | os.PathLike) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m esnb.conciseness_runs",
-                                 description="Train runs of notebook 07 (conciseness) and write their small files.")
+    from ._env import OneLineParser
+
+    ap = OneLineParser(prog="python -m esnb.conciseness_runs",
+                       description="Train runs of notebook 07 (conciseness) and write their small files.")
     ap.add_argument("names", nargs="+", help="run names: es-seedK, grpo-beta<B>-seedK")
     ap.add_argument("--out", default="data/runs/07_conciseness", help="folder of the runs (default %(default)s)")
     ap.add_argument("--summarize-against", metavar="ES_RUN",

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch

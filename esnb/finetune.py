@@ -53,10 +53,13 @@ import numpy as np
 import torch
 
 from ._cpu import share_cores
+from ._env import OneLineParser
 from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
-from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, atomic_write, load_checkpoint, match_umask, read_log,
-                     read_run_config, remove_stale_temps, save_checkpoint, write_json)
+from .tasks import default_items, task_items
+from .files import atomic_write, json_default, match_umask, read_jsonl, write_json, write_jsonl
+from .runlog import (LOCK, ResultTables, RunLock, RunLocked, RunLog, load_checkpoint, read_log, read_run_config,
+                     remove_stale_temps, save_checkpoint)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "score_members", "batch_indices", "default_items",
            "load_result", "main"]
@@ -283,27 +286,6 @@ def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | 
     return sorted(int(i) for i in rng.choice(train_size, size=batch_size, replace=False))
 
 
-def resolve_items(task: Any, train_items: Sequence[Any] | None, test_items: Sequence[Any] | None) -> tuple[list, list]:
-    """The given train/test items as lists, falling back to :func:`default_items` for a missing side."""
-    if train_items is None or test_items is None:
-        d_train, d_test = default_items(task)
-        train_items = d_train if train_items is None else train_items
-        test_items = d_test if test_items is None else test_items
-    return list(train_items), list(test_items)
-
-
-def default_items(task: Any) -> tuple[list, list]:
-    """``(train, test)`` items of a task: its own ``train_items``/``test_items`` when it has them,
-    the shipped split for Countdown."""
-    if hasattr(task, "train_items") and hasattr(task, "test_items"):
-        return list(task.train_items), list(task.test_items)
-    if getattr(task, "name", None) == "countdown":
-        from .tasks.countdown import load_split
-
-        return load_split()
-    raise ValueError(f"task: {getattr(task, 'name', task)!r} has no default items; pass train_items and test_items")
-
-
 @dataclass
 class FinetuneResult(ResultTables):
     """What :func:`finetune` returns (also what a callback receives while the run goes on).
@@ -343,34 +325,6 @@ def _samples_frame(path: Path):
     return pd.read_json(path, lines=True) if path.is_file() else None
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    body = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
-    atomic_write(path, lambda f: f.write(body))
-
-
-def _json_default(o: Any):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.bool_,)):
-        return bool(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut off by a crash: everything before it is good
-    return rows
-
-
 _METRICS = ("iteration", "reward_mean", "reward_min", "reward_max", "reward_std", "accuracy", "accuracy_max",
             "update_norm", "iter_seconds", "seconds", "samples")
 
@@ -405,7 +359,7 @@ def model_name(model) -> str | None:
     name = getattr(getattr(model, "config", None), "name_or_path", None)
     if not name:
         return None
-    from ._env import REPO_ROOT
+    from .paths import REPO_ROOT
 
     try:
         return str(Path(name).resolve().relative_to(REPO_ROOT))
@@ -561,6 +515,222 @@ def _one_writer(run: Callable[..., FinetuneResult]) -> Callable[..., FinetuneRes
     return locked
 
 
+@dataclass
+class _Data:
+    """A run's puzzles and prompts: the first ``train_size`` training items, the held-out items,
+    their prompts (built once) and the generation cap."""
+
+    train_items: list
+    test_items: list
+    train_prompts: list[str]
+    test_prompts: list[str]
+    max_new: int
+
+    @classmethod
+    def build(cls, model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
+              test_items: Sequence[Any] | None, config: FinetuneConfig) -> "_Data":
+        train_items, test_items = task_items(task, train_items, test_items)
+        if len(train_items) < config.train_size:
+            raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
+        train_items = train_items[:config.train_size]
+        if config.test_size is not None:
+            test_items = test_items[:config.test_size]
+        if not test_items:
+            raise ValueError("test_items: held-out evaluation needs at least one item")
+        max_new = config.max_new_tokens or task.max_new_tokens
+        data = cls(train_items, test_items, [task.prompt(item, tokenizer) for item in train_items],
+                   [task.prompt(item, tokenizer) for item in test_items], max_new)
+        # before anything is written: a prompt past the model's context is refused, not trained on
+        check_context(model, tokenizer, data.train_prompts, max_new, "training")
+        check_context(model, tokenizer, data.test_prompts, max_new, "held-out")
+        return data
+
+    def batch(self, config: FinetuneConfig, iteration: int) -> tuple[list[str], list]:
+        """The prompts and items every member sees at ``iteration``."""
+        idx = batch_indices(config.seed, iteration, config.train_size, config.batch_size)
+        return [self.train_prompts[i] for i in idx], [self.train_items[i] for i in idx]
+
+
+class _Run:
+    """The bookkeeping of one :func:`finetune` call: the result tables, and (with an output
+    folder) the seed log, held-out evaluations, completions and checkpoints on disk."""
+
+    def __init__(self, model: Any, tokenizer: Any, task: Any, data: _Data, config: FinetuneConfig, es: ES,
+                 output_dir: str | os.PathLike | None, callback: Callable[[FinetuneResult], None] | None):
+        self.model, self.tokenizer, self.task, self.data, self.config, self.es = model, tokenizer, task, data, config, es
+        self.callback = callback
+        self.result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
+        self.out = Path(output_dir) if output_dir is not None else None
+        self.result.output_dir = self.out
+        self.runlog: RunLog | None = None
+        self.elapsed, self.samples = 0.0, 0
+
+    # -- opening the folder: a new run, or the state of the one to resume
+
+    def open(self, resume: bool, overwrite: bool, metadata: dict | None) -> None:
+        if self.out is None:
+            return
+        remove_stale_temps(self.out)  # a killed run's half-written checkpoint (we hold the lock)
+        ckpt = self._checkpoint_to_resume() if resume else None
+        fingerprint = prompt_fingerprint(self.data.train_prompts, self.data.test_prompts)
+        if resume and (ckpt is not None or (self.out / "log.jsonl").is_file()):
+            self._resume(ckpt, fingerprint, metadata)
+        else:
+            self._create(overwrite, resume, fingerprint, metadata)
+
+    def _checkpoint_to_resume(self) -> dict | None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return None
+        if not (self.out / "log.jsonl").is_file():
+            raise ValueError(f"{self.out}: the seed log log.jsonl is missing, so the run cannot be resumed")
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+            ckpt["es"], ckpt["seconds"], ckpt["samples"]
+            return ckpt
+        except Exception as e:  # noqa: BLE001 - any damage: the seed log still holds the run
+            print(f"note: {path} is damaged ({type(e).__name__}); rebuilding the weights from the "
+                  f"seed log instead", file=sys.stderr)
+            return None
+
+    def _resume(self, ckpt: dict | None, fingerprint: dict, metadata: dict | None) -> None:
+        out, es, config = self.out, self.es, self.config
+        saved_meta = read_run_config(out)
+        # a run saved before the ``seeds``/``decoder`` fields used esnb's
+        saved_cfg = {"seeds": "esnb", "decoder": "esnb", **saved_meta.get("finetune", {})}
+        _check_resume_config(saved_cfg, config, out / "config.json")
+        _check_resume_prompts(saved_meta.get("prompts"), fingerprint, out / "config.json")
+        if ckpt is not None:
+            es.load_state_dict(ckpt["es"])
+            self.elapsed, self.samples = float(ckpt["seconds"]), int(ckpt["samples"])
+        else:  # no checkpoint (checkpoint_every=0, or killed before the first): replay the seed log
+            from .runlog import INITIAL, replay
+
+            entries = read_log(out / "log.jsonl")
+            initial = load_checkpoint(out / INITIAL) if (out / INITIAL).is_file() else es.state_dict()
+            es.load_state_dict(replay((initial, entries), self.model, master_device=config.master_device).state_dict())
+            last = entries[-1] if entries else {}
+            self.elapsed, self.samples = float(last.get("seconds", 0.0)), int(last.get("samples", 0))
+        if config.iterations < es.iteration:
+            raise ValueError(f"iterations: {config.iterations} is below the {es.iteration} iterations the run "
+                             f"in {out} has already done")
+        result = self.result
+        result.resumed_from = es.iteration
+        # drops the log lines written after the checkpoint: they are recomputed identically
+        self.runlog = RunLog.open(out, resume_at=es.iteration)
+        result.log_rows = _metrics(read_log(out / "log.jsonl"))
+        result.eval_rows = [r for r in read_jsonl(out / EVAL_LOG, missing_ok=True) if r["iteration"] <= es.iteration]
+        write_jsonl(out / EVAL_LOG, result.eval_rows)
+        result.samples_before = _samples_frame(out / SAMPLES_BEFORE)
+        result.samples_after = _samples_frame(out / SAMPLES_AFTER)
+        # the settings that may change (iterations, evaluation) are updated in config.json
+        meta = read_run_config(out)
+        meta["finetune"] = config.to_dict()
+        meta.setdefault("prompts", fingerprint)  # a run from before fingerprints gets one now
+        meta.update(metadata or {})
+        write_json(out / "config.json", meta)
+
+    def _create(self, overwrite: bool, resume: bool, fingerprint: dict, metadata: dict | None) -> None:
+        out, es = self.out, self.es
+        refused = output_refusal(out, overwrite, resume)
+        if refused:
+            raise FileExistsError(refused)
+        meta = {"finetune": self.config.to_dict(), "task": getattr(self.task, "name", type(self.task).__name__),
+                "task_repr": repr(self.task), "max_new_tokens": self.data.max_new, "model": model_name(self.model),
+                "prompts": fingerprint, **(metadata or {})}
+        if self.config.save_initial:
+            self.runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", {"config": es.config.to_dict(), "names": list(es.params.names),
+                                             "start_iteration": 0, **meta})
+            self.runlog = RunLog(out, open(out / "log.jsonl", "w"), 0)
+        for stale in (CHECKPOINT, EVAL_LOG, SAMPLES_BEFORE, SAMPLES_AFTER):
+            if (out / stale).exists():
+                (out / stale).unlink()
+
+    # -- during the run
+
+    def evaluation_due(self) -> bool:
+        """A held-out evaluation is due after this many updates: on the schedule, at the end, and
+        at the start (the starting model's, or a scheduled one a kill interrupted; a resume at an
+        iteration off the schedule adds no row)."""
+        done, config, rows = self.es.iteration, self.config, self.result.eval_rows
+        due = done == 0 or (config.eval_every and done % config.eval_every == 0) or done == config.iterations
+        return bool(due or not rows) and (not rows or rows[-1]["iteration"] != done)
+
+    def held_out(self, log_row: bool = True) -> None:
+        """Evaluate the unperturbed weights on the held-out items; keep their completions."""
+        t0 = time.perf_counter()
+        result, out, data = self.result, self.out, self.data
+        ev = evaluate(self.model, self.tokenizer, self.task, data.test_items, batch_size=self.config.eval_batch_size,
+                      max_new_tokens=data.max_new, progress=False)
+        frame = ev["samples"].assign(iteration=self.es.iteration)
+        result.samples_after = frame
+        if out is not None:  # always the latest evaluation's completions
+            write_jsonl(out / SAMPLES_AFTER, frame.to_dict("records"))
+        if not log_row:
+            return
+        row = {"iteration": self.es.iteration, "test_accuracy": ev["accuracy"], "test_reward": ev["mean_reward"],
+               "samples": self.samples, "seconds": self.elapsed, "eval_seconds": time.perf_counter() - t0}
+        result.eval_rows.append(row)
+        if result.samples_before is None:
+            result.samples_before = frame
+            if out is not None:
+                write_jsonl(out / SAMPLES_BEFORE, frame.to_dict("records"))
+        if out is not None:
+            with open(out / EVAL_LOG, "a") as f:
+                f.write(json.dumps(row, default=json_default) + "\n")
+        if self.callback is not None:
+            self.callback(self.result)
+
+    def log(self, iteration: int, entry: dict, accs: Sequence[float], n_prompts: int, seconds: float) -> dict:
+        """Record one iteration: the metrics row, and the seed log line that carries them too."""
+        self.samples += n_prompts * len(accs)
+        self.elapsed += seconds
+        row = {"iteration": iteration, "reward_mean": entry["reward_mean"], "reward_min": entry["reward_min"],
+               "reward_max": entry["reward_max"], "reward_std": entry["reward_std"],
+               "accuracy": float(np.mean(accs)), "accuracy_max": float(np.max(accs)),
+               "update_norm": entry["update_norm"], "iter_seconds": seconds, "seconds": self.elapsed,
+               "samples": self.samples}
+        self.result.log_rows.append(row)
+        if self.runlog is not None:
+            self.runlog.append({**entry, **row})
+        if self.callback is not None:
+            self.callback(self.result)
+        return row
+
+    def checkpoint(self) -> None:
+        if self.out is None:
+            return
+        save_checkpoint(self.out / CHECKPOINT, {"es": self.es.state_dict(), "seconds": self.elapsed,
+                                                "samples": self.samples})
+        _write_csvs(self.out, self.result)
+
+    def close(self) -> None:
+        if self.runlog is not None:
+            self.runlog.close()
+
+    def finish(self) -> FinetuneResult:
+        """The last checkpoint, the latest completions and the final model."""
+        self.checkpoint()
+        if self.out is not None:
+            after = self.result.samples_after
+            if after is None or "iteration" not in after or int(after["iteration"].iloc[0]) != self.es.iteration:
+                self.held_out(log_row=False)  # a resumed run whose last evaluation's completions were not kept
+            if self.config.save_final:
+                save_final(self.model, self.tokenizer, self.out / FINAL)
+        return self.result
+
+    def progress_bar(self, show: bool):
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.iterations, initial=min(self.es.iteration, self.config.iterations), desc="ES",
+                    unit="it", dynamic_ncols=True)
+
+
 @_one_writer
 @_under_its_decoder
 def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None = None,
@@ -597,186 +767,41 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
     processes and gathers their rewards.
     """
     config = config or FinetuneConfig()
-    train_items, test_items = resolve_items(task, train_items, test_items)
-    if len(train_items) < config.train_size:
-        raise ValueError(f"train_size: {config.train_size} training items requested, {len(train_items)} given")
-    train_items = train_items[:config.train_size]
-    if config.test_size is not None:
-        test_items = test_items[:config.test_size]
-    if not test_items:
-        raise ValueError("test_items: held-out evaluation needs at least one item")
-    max_new = config.max_new_tokens or task.max_new_tokens
-    train_prompts = [task.prompt(item, tokenizer) for item in train_items]
-    test_prompts = [task.prompt(item, tokenizer) for item in test_items]
-    # before anything is written: a prompt past the model's context is refused, not trained on
-    check_context(model, tokenizer, train_prompts, max_new, "training")
-    check_context(model, tokenizer, test_prompts, max_new, "held-out")
+    data = _Data.build(model, tokenizer, task, train_items, test_items, config)
     if not config.early_stop and tuple(getattr(task, "stop_strings", ()) or ()):
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
     model = _prepare_model(model, config)
     es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es_config(), master_device=config.master_device,
                                                             noise_cache=noise_cache)
-    result = FinetuneResult(config=config, model=model, tokenizer=tokenizer, es=es)
-
-    out = Path(output_dir) if output_dir is not None else None
-    runlog: RunLog | None = None
-    elapsed, samples = 0.0, 0
-    if out is not None:
-        result.output_dir = out
-        ckpt_path = out / CHECKPOINT
-        remove_stale_temps(out)  # a killed run's half-written checkpoint (we hold the lock)
-        ckpt = None
-        if resume and ckpt_path.exists():
-            if not (out / "log.jsonl").is_file():
-                raise ValueError(f"{out}: the seed log log.jsonl is missing, so the run cannot be resumed")
-            try:
-                ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-                ckpt["es"], ckpt["seconds"], ckpt["samples"]
-            except Exception as e:  # noqa: BLE001 - any damage: the seed log still holds the run
-                ckpt = None
-                print(f"note: {ckpt_path} is damaged ({type(e).__name__}); rebuilding the weights from the "
-                      f"seed log instead", file=sys.stderr)
-        fingerprint = prompt_fingerprint(train_prompts, test_prompts)
-        if resume and (ckpt is not None or (out / "log.jsonl").is_file()):
-            # a run saved before the ``seeds`` field drew esnb's seeds: resuming it needs seeds="esnb"
-            saved_meta = read_run_config(out)
-            saved_cfg = {"seeds": "esnb", "decoder": "esnb", **saved_meta.get("finetune", {})}
-            _check_resume_config(saved_cfg, config, out / "config.json")
-            _check_resume_prompts(saved_meta.get("prompts"), fingerprint, out / "config.json")
-            if ckpt is not None:
-                es.load_state_dict(ckpt["es"])
-                elapsed, samples = float(ckpt["seconds"]), int(ckpt["samples"])
-            else:  # no checkpoint (checkpoint_every=0, or killed before the first): replay the seed log
-                from .runlog import INITIAL, replay
-
-                entries = read_log(out / "log.jsonl")
-                initial = load_checkpoint(out / INITIAL) if (out / INITIAL).is_file() else es.state_dict()
-                es.load_state_dict(replay((initial, entries), model, master_device=config.master_device).state_dict())
-                last = entries[-1] if entries else {}
-                elapsed, samples = float(last.get("seconds", 0.0)), int(last.get("samples", 0))
-            if config.iterations < es.iteration:
-                raise ValueError(f"iterations: {config.iterations} is below the {es.iteration} iterations the run "
-                                 f"in {out} has already done")
-            result.resumed_from = es.iteration
-            # drops the log lines written after the checkpoint: they are recomputed identically
-            runlog = RunLog.open(out, resume_at=es.iteration)
-            result.log_rows = _metrics(read_log(out / "log.jsonl"))
-            result.eval_rows = [r for r in _read_jsonl(out / EVAL_LOG) if r["iteration"] <= es.iteration]
-            _write_jsonl(out / EVAL_LOG, result.eval_rows)
-            result.samples_before = _samples_frame(out / SAMPLES_BEFORE)
-            result.samples_after = _samples_frame(out / SAMPLES_AFTER)
-            # the settings that may change (iterations, evaluation) are updated in config.json
-            meta = read_run_config(out)
-            meta["finetune"] = config.to_dict()
-            meta.setdefault("prompts", fingerprint)  # a run from before fingerprints gets one now
-            meta.update(metadata or {})
-            write_json(out / "config.json", meta)
-        else:
-            refused = output_refusal(out, overwrite, resume)
-            if refused:
-                raise FileExistsError(refused)
-            meta = {"finetune": config.to_dict(), "task": getattr(task, "name", type(task).__name__),
-                    "task_repr": repr(task), "max_new_tokens": max_new, "model": model_name(model),
-                    "prompts": fingerprint, **(metadata or {})}
-            if config.save_initial:
-                runlog = RunLog.create(out, es, metadata=meta, overwrite=True)
-            else:
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(out / "config.json", {"config": es.config.to_dict(), "names": list(es.params.names),
-                                                 "start_iteration": 0, **meta})
-                runlog = RunLog(out, open(out / "log.jsonl", "w"), 0)
-            for stale in (CHECKPOINT, EVAL_LOG, SAMPLES_BEFORE, SAMPLES_AFTER):
-                if (out / stale).exists():
-                    (out / stale).unlink()
-
-    def held_out(log_row: bool = True) -> None:
-        t0 = time.perf_counter()
-        ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
-                      max_new_tokens=max_new, progress=False)
-        frame = ev["samples"].assign(iteration=es.iteration)
-        result.samples_after = frame
-        if out is not None:  # always the latest evaluation's completions
-            _write_jsonl(out / SAMPLES_AFTER, frame.to_dict("records"))
-        if not log_row:
-            return
-        row = {"iteration": es.iteration, "test_accuracy": ev["accuracy"], "test_reward": ev["mean_reward"],
-               "samples": samples, "seconds": elapsed, "eval_seconds": time.perf_counter() - t0}
-        result.eval_rows.append(row)
-        if result.samples_before is None:
-            result.samples_before = frame
-            if out is not None:
-                _write_jsonl(out / SAMPLES_BEFORE, frame.to_dict("records"))
-        if out is not None:
-            with open(out / EVAL_LOG, "a") as f:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-        if callback is not None:
-            callback(result)
-
-    def checkpoint() -> None:
-        if out is None:
-            return
-        save_checkpoint(out / CHECKPOINT, {"es": es.state_dict(), "seconds": elapsed, "samples": samples})
-        _write_csvs(out, result)
-
-    # The starting model's evaluation, or a scheduled one a kill interrupted; a resume at an
-    # iteration off the evaluation schedule adds no row.
-    due = es.iteration == 0 or (config.eval_every and es.iteration % config.eval_every == 0) \
-        or es.iteration == config.iterations or not result.eval_rows
-    if due and (not result.eval_rows or result.eval_rows[-1]["iteration"] != es.iteration):
-        held_out()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.iterations, initial=min(es.iteration, config.iterations), desc="ES", unit="it",
-                   dynamic_ncols=True)
+    run = _Run(model, tokenizer, task, data, config, es, output_dir, callback)
+    run.open(resume, overwrite, metadata)
+    if run.evaluation_due():
+        run.held_out()
+    bar = run.progress_bar(progress)
     try:
         while es.iteration < config.iterations:
-            t0 = time.perf_counter()
-            it = es.iteration
-            idx = batch_indices(config.seed, it, config.train_size, config.batch_size)
-            prompts = [train_prompts[i] for i in idx]
-            items = [train_items[i] for i in idx]
+            t0, it = time.perf_counter(), es.iteration
+            prompts, items = data.batch(config, it)
             with share_cores():  # fewer threads while another process holds a core (esnb._cpu)
                 rewards, accs = score_population(es, es.ask(), model, tokenizer, task, prompts, items,
-                                                 max_new_tokens=max_new, batch_size=config.gen_batch_size)
+                                                 max_new_tokens=data.max_new, batch_size=config.gen_batch_size)
                 entry = es.tell(rewards)
-            samples += len(prompts) * len(rewards)
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            row = {"iteration": it, "reward_mean": entry["reward_mean"], "reward_min": entry["reward_min"],
-                   "reward_max": entry["reward_max"], "reward_std": entry["reward_std"],
-                   "accuracy": float(np.mean(accs)), "accuracy_max": float(np.max(accs)),
-                   "update_norm": entry["update_norm"], "iter_seconds": dt, "seconds": elapsed, "samples": samples}
-            result.log_rows.append(row)
-            if runlog is not None:
-                runlog.append({**entry, **row})  # the seed log line carries the metrics too
+            row = run.log(it, entry, accs, len(prompts), time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
-                                test=f"{result.eval_rows[-1]['test_accuracy']:.3f}")
-            if callback is not None:
-                callback(result)
+                                test=f"{run.result.eval_rows[-1]['test_accuracy']:.3f}")
+            if run.evaluation_due():
+                run.held_out()
             done = es.iteration
-            if (config.eval_every and done % config.eval_every == 0) or done == config.iterations:
-                held_out()
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.iterations:
-                checkpoint()
+                run.checkpoint()
     finally:
         if bar is not None:
             bar.close()
-        if runlog is not None:
-            runlog.close()
-    checkpoint()
-    if out is not None:
-        after = result.samples_after
-        if after is None or "iteration" not in after or int(after["iteration"].iloc[0]) != es.iteration:
-            held_out(log_row=False)  # a resumed run whose last evaluation's completions were not kept
-        if config.save_final:
-            save_final(model, tokenizer, out / FINAL)
-    return result
+        run.close()
+    return run.finish()
 
 
 def save_final(model: Any, tokenizer: Any, directory: str | os.PathLike) -> Path:
@@ -802,7 +827,7 @@ def load_result(directory: str | os.PathLike) -> FinetuneResult:
     config = FinetuneConfig.from_dict(meta.get("finetune", {}))
     result = FinetuneResult(config=config, output_dir=directory,
                             log_rows=_metrics(read_log(directory / "log.jsonl")),
-                            eval_rows=_read_jsonl(directory / EVAL_LOG))
+                            eval_rows=read_jsonl(directory / EVAL_LOG, missing_ok=True))
     result.samples_before = _samples_frame(directory / SAMPLES_BEFORE)
     result.samples_after = _samples_frame(directory / SAMPLES_AFTER)
     return result
@@ -864,16 +889,9 @@ _CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alph
 _CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument ends with exactly one line on stderr (and exit status 2)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's hook
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig()
-    ap = _Parser(
+    ap = OneLineParser(
         prog="python -m esnb.finetune", allow_abbrev=False,
         description="Full-parameter ES fine-tuning of a causal LM on a task (Qiu et al. 2025). "
                     "Writes the seed log, held-out evaluations, checkpoints and the final model to --output.")
@@ -930,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> dict:
-    from .run import parse_value
+    from ._env import parse_value
 
     options = {}
     for pair in pairs or ():

@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,10 +46,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .runlog import ResultTables, match_umask
+from .memory import PeakRSS, training_state_bytes
+from .files import match_umask, read_jsonl, write_json, write_jsonl
+from .runlog import ResultTables
 
-__all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result", "measure_memory", "PeakRSS",
-           "rss_bytes", "training_state_bytes"]
+__all__ = ["GRPORunConfig", "GRPOResult", "train_grpo", "save_result", "load_result"]
 
 FINAL = "final"
 
@@ -139,94 +139,6 @@ class GRPORunConfig:
 
 
 # ------------------------------------------------------------------------------------ memory
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (psutil if installed, else /proc, else maxrss)."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-        import sys
-
-        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
-
-
-class PeakRSS:
-    """Peak extra process memory inside a ``with`` block, sampled by a thread every ``interval`` s.
-
-    ``peak`` = highest RSS seen minus RSS at entry (bytes): what the computation in the block added
-    (gradients, optimizer state, activations, caches, a reference model...). ``tracemalloc`` cannot
-    do this (torch allocates outside Python's allocator) and ``ru_maxrss`` never goes down, so it
-    cannot measure one block of a long-lived process. Memory freed back to the allocator but kept
-    by the process still counts, as it does for the operating system. On CUDA, ``cuda_peak`` is
-    ``torch.cuda.max_memory_allocated`` over the block, minus what was allocated at entry.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.start = 0
-        self.max_rss = 0
-        self.cuda_peak: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._cuda0 = 0
-
-    @property
-    def peak(self) -> int:
-        return max(0, self.max_rss - self.start)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.max_rss = max(self.max_rss, rss_bytes())
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.max_rss = rss_bytes()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._cuda0 = torch.cuda.memory_allocated()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.max_rss = max(self.max_rss, rss_bytes())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            self.cuda_peak = int(torch.cuda.max_memory_allocated() - self._cuda0)
-
-
-def training_state_bytes(model: torch.nn.Module, optimizer: Any = None,
-                         ref_model: torch.nn.Module | None = None) -> dict:
-    """Exact bytes of what a gradient method keeps besides the weights: gradients (one per
-    trainable weight), optimizer state (AdamW: two moments) and a frozen reference model.
-    ES keeps none of these (its noise is regenerated from seeds)."""
-    params = [p for p in model.parameters()]
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    opt = 0
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    opt += v.numel() * v.element_size()
-    ref = 0
-    if ref_model is not None:
-        ref = sum(p.numel() * p.element_size() for p in ref_model.parameters())
-    return {"weights": weights, "gradients": grads, "optimizer": opt, "reference_model": ref}
 
 
 # ------------------------------------------------------------------------------------ results
@@ -372,85 +284,136 @@ def _resume_state(out: Path, config: GRPORunConfig) -> dict:
             "samples_before": saved.samples_before}
 
 
-def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
-                test_items: Sequence[Any] | None, config: GRPORunConfig | None, output_dir: Path | None,
-                callback: Callable[[GRPOResult], None] | None, resume_state: dict | None = None) -> GRPOResult:
-    """:func:`train_grpo` once its output folder, if any, is checked and locked."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.utils import logging as hf_logging
-    from trl import GRPOConfig, GRPOTrainer
+class _GRPORun:
+    """What the reward function, the step callback and :func:`_train_grpo` share in one run: the
+    result tables, the sample counter and a clock that counts training only."""
 
-    from ._cpu import threads_now
-    from .generation import split_stops, truncate_at_stops, evaluate
+    def __init__(self, model: Any, tokenizer: Any, task: Any, train_items: list, test_items: list,
+                 config: GRPORunConfig, output_dir: Path | None, callback: Callable[[GRPOResult], None] | None,
+                 resume_state: dict | None):
+        from .generation import split_stops
 
-    from .finetune import resolve_items
+        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.train_items, self.test_items, self.output_dir, self.callback = train_items, test_items, output_dir, callback
+        self.max_new = config.max_new_tokens or task.max_new_tokens
+        token_stops, self.text_stops = split_stops(tokenizer, getattr(task, "stop_strings", ()))
+        self.token_stops = sorted(token_stops)
+        self.result = GRPOResult(config=config, model=model, tokenizer=tokenizer, output_dir=output_dir)
+        self.clock = {"t0": 0.0, "paused": 0.0, "last": 0.0, "offset": 0.0}
+        self.samples, self.rewards, self.correct = 0, [], []
+        self.bar = None
+        self.prev: dict[str, torch.Tensor] = {}
+        if resume_state is not None:  # the rows up to the checkpoint; training time goes on from there
+            result = self.result
+            result.log_rows, result.eval_rows = resume_state["log"], resume_state["evals"]
+            result.samples_before = resume_state["samples_before"]
+            if result.log_rows:
+                self.samples = int(result.log_rows[-1]["samples"])
+                self.clock["offset"] = float(result.log_rows[-1]["seconds"])
 
-    config = config or GRPORunConfig()
-    train_items, test_items = resolve_items(task, train_items, test_items)
-    if len(train_items) < config.prompts_per_step:
-        raise ValueError(f"train_items: need at least prompts_per_step={config.prompts_per_step} items")
-    if not test_items:
-        raise ValueError("test_items: held-out evaluation needs at least one item")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    device = next(model.parameters()).device
-    max_new = config.max_new_tokens or task.max_new_tokens
-    token_stops, text_stops = split_stops(tokenizer, getattr(task, "stop_strings", ()))
-    token_stops = sorted(token_stops)
-    result = GRPOResult(config=config, model=model, tokenizer=tokenizer,
-                        output_dir=Path(output_dir) if output_dir is not None else None)
-    clock = {"t0": 0.0, "paused": 0.0, "last": 0.0, "offset": 0.0}
-    counter = {"samples": 0, "rewards": [], "correct": []}
-    if resume_state is not None:  # the rows up to the checkpoint; training time goes on from there
-        result.log_rows, result.eval_rows = resume_state["log"], resume_state["evals"]
-        result.samples_before = resume_state["samples_before"]
-        if result.log_rows:
-            counter["samples"] = int(result.log_rows[-1]["samples"])
-            clock["offset"] = float(result.log_rows[-1]["seconds"])
+    def paused(self, t0: float) -> None:
+        """Time since ``t0`` was not training (evaluation, callbacks, saving)."""
+        self.clock["paused"] += time.perf_counter() - t0
 
-    def held_out(step: int) -> None:
+    def held_out(self, step: int) -> None:
+        from .generation import evaluate
+
         t = time.perf_counter()
-        ev = evaluate(model, tokenizer, task, test_items, batch_size=config.eval_batch_size,
-                      max_new_tokens=max_new, progress=False)
+        ev = evaluate(self.model, self.tokenizer, self.task, self.test_items, batch_size=self.config.eval_batch_size,
+                      max_new_tokens=self.max_new, progress=False)
         took = time.perf_counter() - t
-        result.eval_rows.append({"iteration": step, "test_accuracy": ev["accuracy"],
-                                 "test_reward": ev["mean_reward"], "samples": counter["samples"],
-                                 "seconds": result.seconds, "eval_seconds": took})
+        result = self.result
+        result.eval_rows.append({"iteration": step, "test_accuracy": ev["accuracy"], "test_reward": ev["mean_reward"],
+                                 "samples": self.samples, "seconds": result.seconds, "eval_seconds": took})
         result.samples_after = ev["samples"]
         if result.samples_before is None:
             result.samples_before = ev["samples"]
-        if callback is not None:
-            callback(result)
-        clock["paused"] += time.perf_counter() - t  # evaluation and callback are not training time
+        if self.callback is not None:
+            self.callback(result)
+        self.paused(t)
 
-    if resume_state is None:
-        held_out(0)
-    checkpointing = output_dir is not None and config.checkpoint_every > 0
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_progress(result, output_dir)  # config.json at once: a killed run can be told and resumed
+    def reward(self, prompts: Sequence[str], completions: Sequence[str], item_index: Sequence[int],
+               **_: Any) -> list[float]:
+        """The task's own score, on the completion cut where ES generation would stop."""
+        from .generation import truncate_at_stops
 
-    # the reward: the task's own score, on the completion cut where ES generation would stop
-    def task_reward(prompts, completions, item_index, **_: Any) -> list[float]:
         out = []
         for text, idx in zip(completions, item_index):
-            s = task.score(truncate_at_stops(text, text_stops) if text_stops else text, train_items[int(idx)])
+            cut = truncate_at_stops(text, self.text_stops) if self.text_stops else text
+            s = self.task.score(cut, self.train_items[int(idx)])
             out.append(float(s["reward"]))
-            counter["correct"].append(bool(s.get("correct", False)))
-        counter["samples"] += len(completions)
-        counter["rewards"].extend(out)
+            self.correct.append(bool(s.get("correct", False)))
+        self.samples += len(completions)
+        self.rewards.extend(out)
         return out
 
-    task_reward.__name__ = f"{getattr(task, 'name', 'task')}_reward"
-    prev: dict[str, torch.Tensor] = {}
-    bar = None
+    def start(self) -> None:
+        if self.config.progress:
+            from tqdm.auto import tqdm
 
-    base_threads = torch.get_num_threads()  # the ceiling; fewer while other processes hold cores
+            self.bar = tqdm(total=self.config.steps, desc="GRPO", unit="step", dynamic_ncols=True)
+        if self.config.track_updates:
+            self.prev.update({k: p.detach().float().clone() for k, p in self.model.named_parameters()})
+        self.clock["t0"] = self.clock["last"] = time.perf_counter()
 
-    class _Log(TrainerCallback):
+    def end_step(self, step: int) -> None:
+        """Log step ``step`` (1-based, as TRL counts), then evaluate when one is due."""
+        t, clock, config = time.perf_counter(), self.clock, self.config
+        r, c = self.rewards, self.correct
+        n = max(len(r), 1)
+        mean = sum(r) / n
+        row = {"iteration": step - 1, "reward_mean": mean, "reward_std": (sum((x - mean) ** 2 for x in r) / n) ** 0.5,
+               "reward_min": min(r, default=float("nan")), "reward_max": max(r, default=float("nan")),
+               "accuracy": sum(c) / n, "iter_seconds": t - clock["last"],
+               "seconds": t - clock["t0"] - clock["paused"] + clock["offset"], "samples": self.samples}
+        self.rewards, self.correct = [], []
+        if config.track_updates:
+            row["update_rms"] = self._update_rms()
+        self.result.log_rows.append(row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{mean:.3g}", acc=f"{row['accuracy']:.3f}",
+                                 test=f"{self.result.eval_rows[-1]['test_accuracy']:.3f}")
+        if self.callback is not None:
+            t_cb = time.perf_counter()
+            self.callback(self.result)
+            self.paused(t_cb)
+        if (config.eval_every and step % config.eval_every == 0) or step >= config.steps:
+            self.held_out(step)
+        clock["last"] = time.perf_counter()
+
+    def _update_rms(self) -> float:
+        sq, count = 0.0, 0
+        for k, p in self.model.named_parameters():
+            d = p.detach().float() - self.prev[k]
+            sq += float(d.pow(2).sum())
+            count += d.numel()
+            self.prev[k].copy_(p.detach())
+        return (sq / max(count, 1)) ** 0.5
+
+    def attach_trl_logs(self, step: int, logs: dict | None) -> None:
+        # TRL logs after on_step_end: its numbers join the step's row
+        rows = self.result.log_rows
+        if logs and rows and rows[-1]["iteration"] == step - 1:
+            for k, name in _TRL_LOGS.items():
+                if k in logs:
+                    rows[-1][name] = float(logs[k])
+
+    def saved_checkpoint(self) -> None:
+        # TRL has just written its checkpoint: the rows up to it go beside it
+        t = time.perf_counter()
+        match_umask(self.output_dir / CHECKPOINTS)  # torch and safetensors write some files 0600
+        save_progress(self.result, self.output_dir)
+        self.paused(t)
+
+
+def _step_callback(run: _GRPORun, base_threads: int) -> Any:
+    """A TRL/transformers callback that hands every step to ``run``."""
+    from transformers import TrainerCallback
+
+    from ._cpu import threads_now
+
+    class StepLog(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             # fewer threads while another process holds a core (esnb._cpu): a step otherwise waits
             # for the thread that shares that core at every parallel region
@@ -459,77 +422,32 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
                 torch.set_num_threads(n)
 
         def on_train_begin(self, args, state, control, **kw):
-            nonlocal bar
-            if config.progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=config.steps, desc="GRPO", unit="step", dynamic_ncols=True)
-            if config.track_updates:
-                prev.update({k: p.detach().float().clone() for k, p in model.named_parameters()})
-            clock["t0"] = clock["last"] = time.perf_counter()
+            run.start()
 
         def on_step_end(self, args, state, control, **kw):
-            t = time.perf_counter()
-            step = int(state.global_step)
-            r, c = counter["rewards"], counter["correct"]
-            n = max(len(r), 1)
-            mean = sum(r) / n
-            row = {"iteration": step - 1, "reward_mean": mean,
-                   "reward_std": (sum((x - mean) ** 2 for x in r) / n) ** 0.5,
-                   "reward_min": min(r, default=float("nan")), "reward_max": max(r, default=float("nan")),
-                   "accuracy": sum(c) / n, "iter_seconds": t - clock["last"],
-                   "seconds": t - clock["t0"] - clock["paused"] + clock["offset"], "samples": counter["samples"]}
-            counter["rewards"], counter["correct"] = [], []
-            if config.track_updates:
-                sq, count = 0.0, 0
-                for k, p in model.named_parameters():
-                    d = p.detach().float() - prev[k]
-                    sq += float(d.pow(2).sum())
-                    count += d.numel()
-                    prev[k].copy_(p.detach())
-                row["update_rms"] = (sq / max(count, 1)) ** 0.5
-            result.log_rows.append(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{mean:.3g}", acc=f"{row['accuracy']:.3f}",
-                                test=f"{result.eval_rows[-1]['test_accuracy']:.3f}")
-            if callback is not None:
-                t_cb = time.perf_counter()
-                callback(result)
-                clock["paused"] += time.perf_counter() - t_cb
-            if (config.eval_every and step % config.eval_every == 0) or step >= config.steps:
-                held_out(step)
-            clock["last"] = time.perf_counter()
+            run.end_step(int(state.global_step))
 
         def on_log(self, args, state, control, logs=None, **kw):
-            # TRL logs after on_step_end: attach its numbers to the step's row
-            if logs and result.log_rows and result.log_rows[-1]["iteration"] == state.global_step - 1:
-                for k, name in _TRL_LOGS.items():
-                    if k in logs:
-                        result.log_rows[-1][name] = float(logs[k])
+            run.attach_trl_logs(int(state.global_step), logs)
 
         def on_save(self, args, state, control, **kw):
-            # TRL has just written its checkpoint: the rows up to it go beside it
-            t = time.perf_counter()
-            match_umask(output_dir / CHECKPOINTS)  # torch and safetensors write some files 0600
-            save_progress(result, output_dir)
-            clock["paused"] += time.perf_counter() - t
+            run.saved_checkpoint()
 
         def on_train_end(self, args, state, control, **kw):
             torch.set_num_threads(base_threads)
-            if bar is not None:
-                bar.close()
+            if run.bar is not None:
+                run.bar.close()
 
-    dataset = Dataset.from_dict({
-        "prompt": [task.prompt(it, tokenizer) for it in train_items],
-        "item_index": list(range(len(train_items))),
-    })
-    tmp = tempfile.TemporaryDirectory(prefix="esnb-grpo-")  # TRL wants an output_dir; we save ourselves
-    use_cpu = device.type == "cpu"
+    return StepLog()
+
+
+def _trl_args(config: GRPORunConfig, max_new: int, output_dir: Path | None, scratch: str, use_cpu: bool) -> dict:
+    """The ``GRPOConfig`` arguments of a run (``scratch``: TRL's output folder when we keep no checkpoints)."""
+    checkpointing = output_dir is not None and config.checkpoint_every > 0
     save = (dict(save_strategy="steps", save_steps=config.checkpoint_every, save_total_limit=1)
             if checkpointing else dict(save_strategy="no"))
     args = dict(
-        output_dir=str(output_dir / CHECKPOINTS) if checkpointing else tmp.name, max_steps=config.steps,
+        output_dir=str(output_dir / CHECKPOINTS) if checkpointing else scratch, max_steps=config.steps,
         per_device_train_batch_size=config.samples_per_step, gradient_accumulation_steps=1,
         num_generations=config.num_generations, learning_rate=config.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=config.weight_decay,
@@ -544,15 +462,64 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
     )
     args.update(config.trl_args)
+    return args
 
+
+def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
+                test_items: Sequence[Any] | None, config: GRPORunConfig | None, output_dir: Path | None,
+                callback: Callable[[GRPOResult], None] | None, resume_state: dict | None = None) -> GRPOResult:
+    """:func:`train_grpo` once its output folder, if any, is checked and locked."""
+    from datasets import Dataset
+
+    from .tasks import task_items
+
+    config = config or GRPORunConfig()
+    train_items, test_items = task_items(task, train_items, test_items)
+    if len(train_items) < config.prompts_per_step:
+        raise ValueError(f"train_items: need at least prompts_per_step={config.prompts_per_step} items")
+    if not test_items:
+        raise ValueError("test_items: held-out evaluation needs at least one item")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    run = _GRPORun(model, tokenizer, task, train_items, test_items, config, output_dir, callback, resume_state)
+    if resume_state is None:
+        run.held_out(0)
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_progress(run.result, output_dir)  # config.json at once: a killed run can be told and resumed
+    dataset = Dataset.from_dict({"prompt": [task.prompt(it, tokenizer) for it in train_items],
+                                 "item_index": list(range(len(train_items)))})
+    _run_trainer(run, dataset, resume_state)
+    if output_dir is not None:
+        save_result(run.result, output_dir)
+    return run.result
+
+
+def _run_trainer(run: _GRPORun, dataset: Any, resume_state: dict | None) -> None:
+    """Build TRL's trainer around ``run`` and train; the model's generation config, the thread
+    count and the logging level are put back whatever happens."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, config, result = run.model, run.config, run.result
+    base_threads = torch.get_num_threads()  # the ceiling; fewer while other processes hold cores
+    tmp = tempfile.TemporaryDirectory(prefix="esnb-grpo-")  # TRL wants an output_dir; we save ourselves
+    args = _trl_args(config, run.max_new, run.output_dir, tmp.name, next(model.parameters()).device.type == "cpu")
     # one-token stop strings end a completion like EOS does (TRL then masks what follows)
     gen_cfg = model.generation_config
     saved_eos = copy.deepcopy(gen_cfg.eos_token_id)
-    eos = _as_list(saved_eos) or _as_list(tokenizer.eos_token_id)
-    gen_cfg.eos_token_id = eos + [t for t in token_stops if t not in eos]
+    eos = _as_list(saved_eos) or _as_list(run.tokenizer.eos_token_id)
+    gen_cfg.eos_token_id = eos + [t for t in run.token_stops if t not in eos]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     had_forward = "forward" in vars(model)
+
+    def reward(prompts, completions, item_index, **kw: Any) -> list[float]:
+        return run.reward(prompts, completions, item_index, **kw)
+
+    reward.__name__ = f"{getattr(run.task, 'name', 'task')}_reward"  # TRL names its reward column after it
     try:
         with warnings.catch_warnings(), PeakRSS() as mem:
             # transformers 5 renamed gradient -> activation checkpointing; TRL 1.16 still asks
@@ -561,9 +528,8 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
             # TRL would build the reference model from the config's path; the policy passed here
             # may not be what that path holds (changed in memory, or no path), so copy it
             ref_copy = copy.deepcopy(model).eval() if config.beta > 0 else None
-            trainer = GRPOTrainer(model=model, reward_funcs=task_reward, args=trl_config,
-                                  train_dataset=dataset, processing_class=tokenizer,
-                                  callbacks=[_Log()])
+            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=trl_config, train_dataset=dataset,
+                                  processing_class=run.tokenizer, callbacks=[_step_callback(run, base_threads)])
             # our own progress bar instead of the Trainer's (which also prints every log dict)
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
@@ -571,8 +537,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
                 _install_reference(trainer, ref_copy, config.beta)
             trainer.train(resume_from_checkpoint=str(resume_state["checkpoint"]) if resume_state else None)
         result.peak_rss, result.cuda_peak = mem.peak, mem.cuda_peak
-        result.state_bytes = training_state_bytes(model, trainer.optimizer,
-                                                  getattr(trainer, "ref_model", None))
+        result.state_bytes = training_state_bytes(model, trainer.optimizer, getattr(trainer, "ref_model", None))
     finally:
         torch.set_num_threads(base_threads)  # also when training stopped with an error
         gen_cfg.eos_token_id = saved_eos
@@ -581,9 +546,7 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
             del model.forward  # TRL patched a fused LM head onto the instance; drop it
         model.eval()
         tmp.cleanup()
-    if output_dir is not None:
-        save_result(result, output_dir)
-    return result
+
 
 
 def _install_reference(trainer: Any, ref_copy: Any, beta: float) -> None:
@@ -600,38 +563,18 @@ def _install_reference(trainer: Any, ref_copy: Any, beta: float) -> None:
     trainer.args.beta = float(beta)
 
 
-def _jsonl(path: Path, rows: Sequence[dict]) -> None:
-    from .runlog import atomic_write
-
-    data = "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _json_file(path: Path, obj: Any) -> None:
-    from .runlog import atomic_write
-
-    data = (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _json_default(o: Any):
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
 def save_progress(result: GRPOResult, output_dir: str | os.PathLike, **meta: Any) -> None:
     """The run so far (config and ``meta``, log, evaluations, samples), each file atomically: what
     a resume reads, and at the end all of the run but the model and summary."""
     out = Path(output_dir)
-    _jsonl(out / "log.jsonl", result.log_rows)
-    _jsonl(out / "eval.jsonl", result.eval_rows)
+    write_jsonl(out / "log.jsonl", result.log_rows)
+    write_jsonl(out / "eval.jsonl", result.eval_rows)
     for name, frame in (("samples_before.jsonl", result.samples_before),
                         ("samples_after.jsonl", result.samples_after)):
         if frame is not None:
-            _jsonl(out / name, frame.to_dict("records"))
+            write_jsonl(out / name, frame.to_dict("records"))
     model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
-    _json_file(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id, **meta})
+    write_json(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id, **meta}, sort_keys=False)
 
 
 def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
@@ -652,7 +595,7 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
             if bars:
                 hf_logging.enable_progress_bar()
     save_progress(result, out, peak_rss=result.peak_rss, cuda_peak=result.cuda_peak, state_bytes=result.state_bytes)
-    _json_file(out / "summary.json", result.summary())
+    write_json(out / "summary.json", result.summary(), sort_keys=False)
     return out
 
 
@@ -670,80 +613,10 @@ def load_result(output_dir: str | os.PathLike) -> GRPOResult:
                         state_bytes=dict(meta.get("state_bytes") or {}))
 
     def rows(name: str) -> list[dict]:
-        path = out / name
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        return read_jsonl(out / name, missing_ok=True)
 
     result.log_rows, result.eval_rows = rows("log.jsonl"), rows("eval.jsonl")
     for name in ("samples_before", "samples_after"):
         data = rows(f"{name}.jsonl")
         setattr(result, name, pd.DataFrame(data) if data else None)
     return result
-
-
-# ------------------------------------------------------------------------------------ memory probe
-
-
-def measure_memory(method: str, model: str = "tiny", task: str = "countdown",
-                   task_options: dict | None = None, settings: dict | None = None,
-                   n_train: int = 64, n_test: int = 16, threads: int = 1, timeout: float = 600) -> dict:
-    """Peak extra memory of a short ES or GRPO run, measured in a **fresh Python process**.
-
-    In a long-lived notebook process the allocator keeps memory from earlier runs, so a second
-    measurement sees almost nothing; a child process starts clean. The child loads the model and
-    the task, imports both training stacks (so library imports are not counted against either
-    method), then runs ``method`` (``"es"``: :func:`esnb.finetune.finetune` with
-    ``FinetuneConfig(**settings)``; ``"grpo"``: :func:`train_grpo` with
-    ``GRPORunConfig(**settings)``) inside :class:`PeakRSS`. Returns ``{"method", "peak_rss",
-    "rss_start", "cuda_peak", "weights_bytes", "seconds"}`` (bytes).
-    """
-    import subprocess
-    import sys
-
-    if method not in ("es", "grpo"):
-        raise ValueError(f"method: expected 'es' or 'grpo', got {method!r}")
-    spec = {"method": method, "model": model, "task": task, "task_options": task_options or {},
-            "settings": settings or {}, "n_train": n_train, "n_test": n_test, "threads": threads}
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "esnb.grpo", "--probe", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory probe ({method}) failed:\n{proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
-
-
-def _probe(spec: dict) -> dict:
-    torch.set_num_threads(int(spec.get("threads") or 1))
-    # both stacks imported (and the Trainer's lazy modules loaded) before the baseline
-    import datasets  # noqa: F401
-    from trl import GRPOConfig, GRPOTrainer  # noqa: F401
-
-    from .finetune import FinetuneConfig, default_items, finetune
-    from .models import load_model
-    from .tasks import get_task
-
-    model, tok = load_model(spec["model"], device="cuda" if torch.cuda.is_available() else "cpu")
-    task = get_task(spec["task"], **spec["task_options"])
-    train, test = default_items(task)
-    train, test = train[:spec["n_train"]], test[:spec["n_test"]]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    t = time.perf_counter()
-    with PeakRSS() as mem:
-        if spec["method"] == "es":
-            cfg = FinetuneConfig(**{"train_size": len(train), "save_final": False, **spec["settings"]})
-            finetune(model, tok, task, train, test, cfg, progress=False)
-        else:
-            cfg = GRPORunConfig(**{"progress": False, **spec["settings"]})
-            train_grpo(model, tok, task, train, test, cfg)
-    return {"method": spec["method"], "peak_rss": mem.peak, "rss_start": mem.start,
-            "cuda_peak": mem.cuda_peak, "weights_bytes": weights,
-            "seconds": time.perf_counter() - t}
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m esnb.grpo",
-                                 description="Internal: the memory probe behind measure_memory().")
-    ap.add_argument("--probe", required=True, help="JSON spec (see measure_memory)")
-    print(json.dumps(_probe(json.loads(ap.parse_args().probe))))

@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_DIR = REPO_ROOT / "data" / "tiny"
-TINY_BASE_DIR = REPO_ROOT / "data" / "tiny-base"
+from .paths import DATA_DIR, TINY_BASE_DIR, TINY_DIR
+
 # shipped small models: name -> (folder, the command that rebuilds it)
 SHIPPED = {"tiny": (TINY_DIR, "python -m esnb.tinylm"),
            "tiny-base": (TINY_BASE_DIR, "python -m esnb.tinylm --base")}
-CACHE_DIR = REPO_ROOT / "data" / "cache"  # the default; ESNB_CACHE_DIR chooses another
+CACHE_DIR = DATA_DIR / "cache"  # the default; ESNB_CACHE_DIR chooses another
 CACHE_ENV = "ESNB_CACHE_DIR"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct-q4_1"
@@ -186,7 +185,7 @@ def _build_smollm2_cache() -> Path:
     writable cache folder; returns where. A read-only setup is refused before converting."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .runlog import match_umask
+    from .files import match_umask
 
     gguf = smollm2_gguf_path()
     if gguf is None:

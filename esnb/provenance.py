@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._trace import PACKAGE, PACKAGE_DIR, REPO_ROOT
+from ._trace import PACKAGE
+from .paths import PACKAGE_DIR, REPO_ROOT
 
 FORMAT = 2
 # Machinery that records provenance does not make outputs: its own code is never a dependency.

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._env import NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, read_claims, read_payloads, read_records
+from ._env import MAX_VALUE_CHARS, NOTEBOOKS_DIR, REPO_ROOT, OneLineParser, parse_value, read_claims, read_payloads, read_records  # noqa: F401,E501
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -35,31 +35,6 @@ def find_notebooks(directory: Path = NOTEBOOKS_DIR, only: Sequence[str] | None =
         names = ", ".join(p.name[:2] for p in found) or "none"
         raise ValueError(f"no notebook matches {', '.join(missing)} (available: {names})")
     return chosen
-
-
-MAX_VALUE_CHARS = 10_000  # a parameter is a number, a name or a short list; not a file's worth
-
-
-def parse_value(text: str) -> Any:
-    """A ``-p`` value: a Python/JSON literal when it parses as one (3, 0.01, True, [1, 2]), else the string.
-
-    Longer than ``MAX_VALUE_CHARS`` raises ``ValueError`` (deeply nested literals would exhaust
-    the parser; nothing is ever run as code either way)."""
-    if not isinstance(text, str):
-        raise TypeError(f"text: expected a string, got {type(text).__name__}")
-    if len(text) > MAX_VALUE_CHARS:
-        raise ValueError(f"value of {len(text):,} characters; at most {MAX_VALUE_CHARS:,} are accepted")
-    for parse in (ast.literal_eval, json.loads):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, json.JSONDecodeError, RecursionError, MemoryError, TypeError):
-            pass
-    lowered = text.lower()
-    if lowered in {"true", "false"}:
-        return lowered == "true"
-    if lowered in {"none", "null"}:
-        return None
-    return text
 
 
 class _NoDefault:
@@ -543,7 +518,8 @@ def _held_by_an_ancestor(path: str) -> bool:
     return False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m esnb``'s arguments: ``run``, ``execute`` and ``doctor``."""
     parser = OneLineParser(prog="python -m esnb", description="Run the esnb notebook course headless.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -570,60 +546,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
 
     sub.add_parser("doctor", help="check the environment: packages, device, offline models")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
         return doctor_main()
-    if args.command == "execute" and (args.stale or args.verify):
-        from .provenance import check_notebook
-
-        missing = [str(p) for p in args.paths if not p.is_file()]
-        if missing:
-            parser.error(f"no such notebook: {', '.join(missing)}")
-        if args.stale and args.verify:
-            parser.error("--stale lists, --verify acts: give one of them")
-        paths = args.paths or find_notebooks()
-        if args.verify:
-            with machine_lock():
-                results = [verify_notebook(p, timeout=args.timeout) for p in paths]
-            for r in results:
-                print(r.describe(), flush=True)
-            left = [r.notebook for r in results if r.verdict == "needs a full run"]
-            print(f"{len(left)} notebook(s) need a full run: {', '.join(left)}" if left
-                  else "every notebook is current or verified by smoke")
-            return 1 if left else 0
-        statuses = [check_notebook(p) for p in paths]
-        stale = [s for s in statuses if s.stale]
-        for item in statuses:
-            if item.stale or item.verified:
-                print(item.describe())
-        print(f"{len(stale)} notebook(s) stale" if stale else "no notebook is stale: every one's outputs match the "
-              "code, files and versions it depends on")
-        return 0
     if args.command == "execute":
-        if not args.paths:
-            parser.error("execute needs notebook paths (or --stale)")
-        for path in args.paths:
-            if not path.exists():
-                parser.error(f"no such notebook: {path}")
-        with machine_lock():
-            for path in args.paths:
-                seconds = execute_in_place(path, timeout=args.timeout, smoke=args.smoke)
-                print(f"{path.name}: executed in {seconds:.1f} s ({'smoke' if args.smoke else 'full'}; "
-                      f"provenance{'' if args.smoke else ' and smoke record'} stored)", flush=True)
-        return 0
+        return _execute_command(parser, args)
+    return _run_command(parser, args)
 
-    try:
-        notebooks = find_notebooks(args.notebooks, args.only)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if not notebooks:
-        parser.error(f"no notebooks found in {args.notebooks}")
+
+def _execute_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.stale or args.verify:
+        return _check_command(parser, args)
+    if not args.paths:
+        parser.error("execute needs notebook paths (or --stale)")
+    for path in args.paths:
+        if not path.exists():
+            parser.error(f"no such notebook: {path}")
+    with machine_lock():
+        for path in args.paths:
+            seconds = execute_in_place(path, timeout=args.timeout, smoke=args.smoke)
+            print(f"{path.name}: executed in {seconds:.1f} s ({'smoke' if args.smoke else 'full'}; "
+                  f"provenance{'' if args.smoke else ' and smoke record'} stored)", flush=True)
+    return 0
+
+
+def _check_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``execute --stale`` (list) or ``execute --verify`` (smoke-verify) over PATHS, default all."""
+    from .provenance import check_notebook
+
+    missing = [str(p) for p in args.paths if not p.is_file()]
+    if missing:
+        parser.error(f"no such notebook: {', '.join(missing)}")
+    if args.stale and args.verify:
+        parser.error("--stale lists, --verify acts: give one of them")
+    paths = args.paths or find_notebooks()
+    if args.verify:
+        with machine_lock():
+            results = [verify_notebook(p, timeout=args.timeout) for p in paths]
+        for r in results:
+            print(r.describe(), flush=True)
+        left = [r.notebook for r in results if r.verdict == "needs a full run"]
+        print(f"{len(left)} notebook(s) need a full run: {', '.join(left)}" if left
+              else "every notebook is current or verified by smoke")
+        return 1 if left else 0
+    statuses = [check_notebook(p) for p in paths]
+    stale = [s for s in statuses if s.stale]
+    for item in statuses:
+        if item.stale or item.verified:
+            print(item.describe())
+    print(f"{len(stale)} notebook(s) stale" if stale else "no notebook is stale: every one's outputs match the "
+          "code, files and versions it depends on")
+    return 0
+
+
+def _checked_parameters(parser: argparse.ArgumentParser, pairs: Sequence[Sequence[str]],
+                        notebooks: Sequence[Path]) -> dict[str, Any]:
+    """``-p NAME VALUE`` pairs as values, each checked against the default of every selected
+    notebook that declares it; errors go through ``parser.error`` (one line, before anything runs)."""
     params = {}
     declared = {nb: declared_parameters(nb) for nb in notebooks}
-    for name, text in args.parameter:
+    for name, text in pairs:
         try:
             params[name] = parse_value(text)
         except ValueError as exc:
@@ -636,6 +625,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(params) - {n for d in declared.values() for n in d})
     if unknown:
         parser.error(f"parameter(s) {', '.join(unknown)} not declared by any selected notebook")
+    return params
+
+
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        notebooks = find_notebooks(args.notebooks, args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not notebooks:
+        parser.error(f"no notebooks found in {args.notebooks}")
+    params = _checked_parameters(parser, args.parameter, notebooks)
     output = args.output or REPO_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S")
     if output.exists() and not output.is_dir():
         parser.error(f"--output: {output} is a file, not a folder")

@@ -24,17 +24,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from .es import ES, ESConfig
+from .files import atomic_write, match_umask, read_jsonl, umask, write_json, write_jsonl  # noqa: F401 - runlog's names too
 
 INITIAL = "initial.pt"
 CONFIG = "config.json"
@@ -43,33 +43,6 @@ LOG = "log.jsonl"
 # What a log line must hold for a replay; the rest of a history entry (reward statistics) is kept
 # as information.
 REPLAY_KEYS = ("iteration", "seeds", "signs", "weights")
-
-
-# ---------------------------------------------------------------- file modes
-
-
-def umask() -> int:
-    """The process's umask (read without changing it for longer than two calls)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def match_umask(path: str | os.PathLike) -> Path:
-    """Give ``path`` (and, for a folder, everything in it) the mode an ordinary ``open`` would:
-    ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
-
-    Why: ``tempfile.mkstemp`` (our atomic writes) and safetensors create files 0600, so a run or
-    a model another user should read came out private to its writer.
-    """
-    path = Path(path)
-    mask = umask()
-    items = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
-    for p in items:
-        if p.is_symlink():
-            continue
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-    return path
 
 
 # ---------------------------------------------------------------- one writer per run folder
@@ -206,28 +179,6 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------- atomic files
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync, then ``os.replace`` it onto ``path``.
-    The file gets the mode the umask gives (mkstemp alone makes it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` (e.g. ``{"es": es.state_dict(), "rng": ...}``) with ``torch.save``, atomically."""
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -239,12 +190,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON, atomically."""
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_run_config(directory: str | os.PathLike) -> dict:
@@ -286,23 +231,11 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     """The entries of a ``log.jsonl``. A last line cut off by a crash (no newline) is dropped with a
     warning; any other bad line raises ``ValueError`` naming the file and line."""
     path = Path(path)
-    text = path.read_text()
-    lines = text.split("\n")
-    tail = lines.pop()  # "" when the file ends with a newline
-    entries = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        missing = [k for k in REPLAY_KEYS if k not in e]
+    entries = read_jsonl(path)
+    for lineno, e in enumerate(entries, 1):
+        missing = [k for k in REPLAY_KEYS if k not in e] if isinstance(e, dict) else list(REPLAY_KEYS)
         if missing:
-            raise ValueError(f"{path}:{lineno}: log line lacks {missing}")
-        entries.append(e)
-    if tail.strip():
-        warnings.warn(f"{path}:{len(lines) + 1}: incomplete last line dropped (interrupted write)")
+            raise ValueError(f"{path}: entry {lineno}: log line lacks {missing}")
     for a, b in zip(entries, entries[1:]):
         if b["iteration"] != a["iteration"] + 1:
             raise ValueError(f"{path}: iteration {b['iteration']} follows {a['iteration']} (lines out of order or missing)")
@@ -352,8 +285,7 @@ class RunLog:
             if have != resume_at:
                 raise ValueError(f"{path} ends at iteration {have - 1}; cannot resume at {resume_at}")
         # Rewrite the kept lines (atomically) so that a cut-off or stale tail is gone.
-        body = "".join(log_line(e) + "\n" for e in entries).encode()
-        atomic_write(path, lambda f: f.write(body))
+        write_jsonl(path, entries, line=log_line)
         nxt = entries[-1]["iteration"] + 1 if entries else start
         return cls(directory, open(path, "a"), nxt)
 
@@ -388,8 +320,7 @@ def save_run(directory: str | os.PathLike, initial_state: dict, history: Iterabl
     save_checkpoint(directory / INITIAL, initial_state)
     write_json(directory / CONFIG, {"config": initial_state["config"], "start_iteration": int(initial_state["iteration"]),
                                     **(metadata or {})})
-    body = "".join(log_line(e) + "\n" for e in history).encode()
-    atomic_write(directory / LOG, lambda f: f.write(body))
+    write_jsonl(directory / LOG, history, line=log_line)
     return directory
 
 

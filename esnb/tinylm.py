@@ -12,20 +12,18 @@ the kind of start that fine-tuning (ES in notebook 05) has room to improve.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from .tasks import countdown as cd
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
-TINY_BASE_DIR = TINY_DIR.parent / "tiny-base"
+from .paths import TINY_BASE_DIR, TINY_DIR
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # printable ASCII and newline: enough for the compact prompt and traces, and for any prompt to
@@ -217,7 +215,7 @@ def save(model, tokenizer, log: list[dict] | None, out_dir: str | Path = TINY_DI
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    from .runlog import match_umask
+    from .files import match_umask
 
     match_umask(out / "model.safetensors")  # safetensors writes it 0600
     if log is not None:

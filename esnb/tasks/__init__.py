@@ -45,3 +45,24 @@ def get_task(name: str, **options: Any) -> Task:
 
         return ArithmeticTask(**options)
     raise ValueError(f"name: unknown task {name!r}; expected 'countdown', 'conciseness' or 'arithmetic'")
+
+
+def task_items(task: Any, train_items: Sequence[Any] | None, test_items: Sequence[Any] | None) -> tuple[list, list]:
+    """The given train/test items as lists, falling back to :func:`default_items` for a missing side."""
+    if train_items is None or test_items is None:
+        d_train, d_test = default_items(task)
+        train_items = d_train if train_items is None else train_items
+        test_items = d_test if test_items is None else test_items
+    return list(train_items), list(test_items)
+
+
+def default_items(task: Any) -> tuple[list, list]:
+    """``(train, test)`` items of a task: its own ``train_items``/``test_items`` when it has them,
+    the shipped split for Countdown."""
+    if hasattr(task, "train_items") and hasattr(task, "test_items"):
+        return list(task.train_items), list(task.test_items)
+    if getattr(task, "name", None) == "countdown":
+        from .countdown import load_split
+
+        return load_split()
+    raise ValueError(f"task: {getattr(task, 'name', task)!r} has no default items; pass train_items and test_items")

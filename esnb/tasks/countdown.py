@@ -18,7 +18,6 @@ What lives here:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -535,7 +534,9 @@ def solution_trace(puzzle: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 def _repo_data() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "data"
+    from ..paths import DATA_DIR
+
+    return DATA_DIR
 
 
 TRAIN_FILE = "countdown_train.jsonl"
@@ -767,8 +768,10 @@ class CountdownTask:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m esnb.tasks.countdown",
-                                 description="Countdown puzzles: regenerate the shipped split.")
+    from .._env import OneLineParser
+
+    ap = OneLineParser(prog="python -m esnb.tasks.countdown",
+                       description="Countdown puzzles: regenerate the shipped split.")
     ap.add_argument("--regenerate", action="store_true",
                     help=f"rewrite data/{TRAIN_FILE} and data/{TEST_FILE} (seed {SPLIT_SEED})")
     ap.add_argument("--out", default=None, help="folder to write to (default: the repo's data/)")
