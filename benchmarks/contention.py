@@ -41,7 +41,7 @@ def worker(kind: str, iterations: int) -> dict:
     task = get_task("countdown", prompt_style="compact")
     train, test = ft.default_items(task)
     if kind == "es":
-        cfg = ft.FinetuneConfig(iterations=iterations, population_size=32, antithetic=True, sigma=1e-2,
+        cfg = ft.FinetuneConfig.of(iterations=iterations, population_size=32, antithetic=True, sigma=1e-2,
                                 alpha=5e-3, train_size=64, batch_size=16, test_size=8, eval_every=10**6)
         result = ft.finetune(model, tok, task, train, test, cfg, progress=False)
         secs = [float(x) for x in result.log["iter_seconds"]]

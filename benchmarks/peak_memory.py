@@ -54,7 +54,7 @@ def child(mode: str, model_name: str, dtype: str, prompts: int, max_new: int, po
     elif mode in ("es", "es+cache"):
         # "es": the memory trick as taught (one model + master copy + one tensor of noise);
         # "es+cache": esnb's default, which keeps members' noise when memory allows (a speed trade)
-        cfg = FinetuneConfig(population_size=population, iterations=2, train_size=prompts, test_size=4,
+        cfg = FinetuneConfig.of(population_size=population, iterations=2, train_size=prompts, test_size=4,
                              eval_every=0, checkpoint_every=0, max_new_tokens=max_new, gen_batch_size=prompts,
                              save_final=False)
         finetune(model, tok, task, train, test, cfg, progress=False, noise_cache=0 if mode == "es" else "auto")

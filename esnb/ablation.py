@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,9 +37,9 @@ def mezo_finetune_config(lr: float, sigma: float, pairs: int = 1, **kwargs: Any)
     (``iterations``, ``batch_size``, ``seed``, ...)."""
     from .finetune import FinetuneConfig
 
-    es = mezo_config(lr, sigma, pairs)
-    return FinetuneConfig(population_size=es.population_size, sigma=es.sigma, alpha=es.alpha,
-                          antithetic=True, shaping="raw", **kwargs)
+    es_fields = {f.name for f in fields(ESConfig)}
+    es = mezo_config(lr, sigma, pairs, **{k: v for k, v in kwargs.items() if k in es_fields})
+    return FinetuneConfig(es=es, **{k: v for k, v in kwargs.items() if k not in es_fields})
 
 
 def iterations_for_budget(budget: int, population_size: int, batch_size: int) -> int:

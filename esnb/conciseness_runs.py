@@ -142,6 +142,7 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
     same experiment; the GRPO run's weight change is then summarized for notebook 09
     (:func:`esnb.analysis.summarize_change`, with its projections on that ES run's noise)."""
     from .analysis import save_change_summary, summarize_change
+    from .es import ESConfig
     from .finetune import FinetuneConfig, finetune
     from .grpo import GRPORunConfig, train_grpo
     from .models import load_model
@@ -164,9 +165,10 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
         cb = _trajectory_callback(traj, model, base, tokenizer, task, test, settings.max_new_tokens)
         t0 = time.perf_counter()
         if method == "ES":
-            cfg = FinetuneConfig(population_size=settings.es_population, sigma=settings.es_sigma,
-                                 alpha=settings.es_alpha, iterations=settings.es_iterations, train_size=len(train),
-                                 eval_every=settings.es_eval_every, checkpoint_every=0, seed=seed,
+            es = ESConfig(population_size=settings.es_population, sigma=settings.es_sigma, alpha=settings.es_alpha,
+                          seed=seed)
+            cfg = FinetuneConfig(es=es, iterations=settings.es_iterations, train_size=len(train),
+                                 eval_every=settings.es_eval_every, checkpoint_every=0,
                                  max_new_tokens=settings.max_new_tokens, save_final=False, save_initial=False)
             with tempfile.TemporaryDirectory(prefix="esnb07-") as tmp:  # the checkpoint holds the weights: not kept
                 res = finetune(model, tokenizer, task, train, test, cfg, output_dir=tmp, overwrite=True,
@@ -192,7 +194,7 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
                 ref = Path(summarize_against)
                 es_cfg = FinetuneConfig.from_dict(json.loads((ref / "config.json").read_text())["finetune"])
                 entries = read_log(ref / "log.jsonl")
-                summary = summarize_change(base, model, noise=(ES(base, es_cfg.es_config()), entries))
+                summary = summarize_change(base, model, noise=(ES(base, es_cfg.es), entries))
                 summary["es_run"] = ref.name
                 summary["es_log_sha256"] = _sha256(ref / "log.jsonl")
                 summary["steps"] = len(res.log_rows)

@@ -214,9 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         ap.error("--resume is not supported by esnb.distributed yet; resume with python -m esnb.finetune "
                  "--resume DIR (same results), or start a new run")
-    out, settings, _ = ft._cli_settings(ap, args)
+    out, settings, _ = ft.cli_settings(ap, args)
     try:
-        config = ft.FinetuneConfig(**{ft._CLI_CONFIG[k]: v for k, v in settings.items() if k in ft._CLI_CONFIG})
+        config = ft.config_from_settings(settings)
     except ValueError as e:
         ap.error(str(e))
 
@@ -258,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if lead:
         print(f"esnb.distributed: {world} processes, backend {dist.get_backend() if dist.is_initialized() else 'none'}, "
-              f"{config.population_size} members (up to {-(-config.population_size // world)} per process), "
-              f"{bytes_per_iteration(config.population_size, world)} bytes per process per iteration", flush=True)
+              f"{config.es.population_size} members (up to {-(-config.es.population_size // world)} per process), "
+              f"{bytes_per_iteration(config.es.population_size, world)} bytes per process per iteration", flush=True)
     try:
         try:
             result = ft.finetune(model, tokenizer, task, train_items, test_items, config,

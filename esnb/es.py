@@ -28,13 +28,17 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from numbers import Integral, Real
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .cli import cli_field, nonneg_float, nonneg_int, positive_float, positive_int
 from .noise import NOISE_SOURCES, PRECISIONS, ParameterSet, noise_like
+
+# the argument group of the paper's engine choices on the command line
+PAPER_GROUP = "the paper's choices (Qiu et al. 2025, released code), one switch or piece by piece"
 
 SHAPINGS = ("zscore", "centered_rank", "raw")
 OPTIMIZERS = ("sgd", "adam")
@@ -62,21 +66,26 @@ class ESConfig:
     Every field is checked on construction: a bad value raises ``ValueError`` naming the field.
     """
 
-    population_size: int = 30
-    sigma: float = 1e-3
-    alpha: float = 5e-4
-    antithetic: bool = False
-    shaping: str = "zscore"
-    optimizer: str = "sgd"
+    population_size: int = cli_field(30, "population size N", flag="--population", metavar="N", type=positive_int)
+    sigma: float = cli_field(1e-3, "noise scale", type=positive_float)
+    alpha: float = cli_field(5e-4, "learning rate", type=nonneg_float)
+    antithetic: bool = cli_field(False, "mirrored +/- noise pairs (the paper: off)", action="store_const", const=True,
+                                 show_default=False)
+    shaping: str = cli_field("zscore", "fitness shaping", choices=list(SHAPINGS))
+    optimizer: str = cli_field("sgd", "how the ES gradient becomes a step", choices=list(OPTIMIZERS))
     momentum: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    seed: int = 0
+    seed: int = cli_field(0, "run seed (default 0; the paper's 33 with --paper-faithful)", show_default=False,
+                          type=nonneg_int)
     # where the noise comes from and in which precision perturb/restore/update run
     # (esnb.noise.NOISE_SOURCES, esnb.noise.PRECISIONS; "paper" = as the paper's released code)
-    noise: str = "independent"
-    precision: str = "master"
+    noise: str = cli_field("independent", "'paper': every tensor of a member seeded with the member's seed; "
+                           "'table': windows of one shared Gaussian table (esnb.noise.NoiseTable); 'independent': "
+                           "a stream per tensor", group=PAPER_GROUP, choices=list(NOISE_SOURCES))
+    precision: str = cli_field("master", "'paper': perturb, restore by subtraction and update in the model's dtype, "
+                               "no float32 master", group=PAPER_GROUP, choices=list(PRECISIONS))
 
     def __post_init__(self) -> None:
         n = self.population_size
@@ -121,6 +130,21 @@ class ESConfig:
         d = asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ESConfig":
+        """The config of a saved :meth:`to_dict` (a JSON list of ``adam_betas`` back to a pair)."""
+        d = dict(d)
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "ESConfig":
+        """The engine of the paper's released code: one seed for every tensor of a member
+        (``noise="paper"``), perturb / restore by subtraction / update in the model's dtype
+        (``precision="paper"``), run seed 33; ``overrides`` change any field."""
+        return cls(**{"noise": "paper", "precision": "paper", "seed": PAPER_SEED, **overrides})
 
 
 # ---------------------------------------------------------------- fitness shaping

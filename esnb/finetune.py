@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -54,7 +53,8 @@ import torch
 
 from ._cpu import share_cores
 from ._env import OneLineParser
-from .es import ES, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
+from .cli import add_config_arguments, cli_field, config_settings, flag_of, nonneg_int, positive_int
+from .es import ES, PAPER_GROUP, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
 from .tasks import default_items, task_items
 from .files import atomic_write, json_default, match_umask, read_jsonl, write_json, write_jsonl
@@ -94,9 +94,10 @@ class FinetuneConfig:
 
     Every field is validated on construction; a bad value raises ``ValueError`` naming it.
 
-    * ``population_size``, ``sigma``, ``alpha``, ``antithetic``, ``shaping``, ``optimizer``,
-      ``momentum``, ``weight_decay``, ``seed``: as :class:`esnb.es.ESConfig`; ``seed=None`` (the
-      default) is 0, or 33 (the paper's ``initial_seed``) with ``fidelity="paper"``.
+    * ``es``: the ES engine's settings, an :class:`esnb.es.ESConfig` (population, sigma, alpha,
+      shaping, optimizer, seed, noise, precision...). ``None``: ``ESConfig()``, or
+      ``ESConfig.paper()`` with ``fidelity="paper"``; a dict of ESConfig fields: those on top of
+      that default. :meth:`FinetuneConfig.of` takes the ES fields and these in one flat dict.
     * ``iterations``: ES updates in total (a resumed run continues up to this number).
     * ``train_size``: how many training items are used (the first ``train_size``).
     * ``batch_size``: prompts per member per iteration; ``None`` = all ``train_size`` (the paper).
@@ -118,14 +119,14 @@ class FinetuneConfig:
     * ``population_batch``: ``"auto"`` (default), ``True`` or ``False``: decode all members
       together with their own stacked full-rank weights (:mod:`esnb.population`; same completions,
       several times fewer operations). ``"auto"`` does so for small models on the lean decoder.
-    * ``fidelity``: ``"esnb"`` (default) or ``"paper"``, one switch for the engine pieces of the
-      paper's released code; each piece is also a field of its own (an explicit value wins):
-    * ``noise``: ``"independent"`` (esnb: a stream per tensor), ``"paper"`` (every tensor of a
-      member seeded with the member's seed; same-shaped tensors get the same noise) or
-      ``"table"`` (windows of one shared Gaussian table, :class:`esnb.noise.NoiseTable`: faster
-      on a CPU, 128 MiB, correlated noise); see :data:`esnb.noise.NOISE_SOURCES`.
-    * ``precision``: ``"master"`` (esnb: float32 master copy, exact restore by copy) or ``"paper"``
-      (perturb, restore by subtraction and update in the model's dtype, no master copy).
+    * ``fidelity``: ``"esnb"`` (default) or ``"paper"``, one switch for the pieces of the paper's
+      released code; each piece is also a setting of its own (an explicit value wins): the ES
+      engine's ``es.noise`` (``"independent"``: a stream per tensor; ``"paper"``: every tensor of
+      a member seeded with the member's seed, so same-shaped tensors get the same noise;
+      ``"table"``: windows of one shared Gaussian table, :class:`esnb.noise.NoiseTable`),
+      ``es.precision`` (``"master"``: float32 master copy, exact restore by copy; ``"paper"``:
+      perturb, restore by subtraction and update in the model's dtype) and ``es.seed`` (33), and
+      these fields:
     * ``early_stop``: stop generating at the task's stop strings (esnb: ``True``, e.g. at the first
       ``</answer>``) or run to EOS / ``max_new_tokens`` as the paper (``False``). The reward reads
       the LAST answer block either way; with early stop that block is the first one, so a wrong
@@ -166,51 +167,55 @@ class FinetuneConfig:
     each rank drift by its own members only, while its seed log replays the one-process drift.)
     """
 
-    population_size: int = 30
-    sigma: float = 1e-3
-    alpha: float = 5e-4
-    antithetic: bool = False
-    shaping: str = "zscore"
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    seed: int | None = None           # None: from fidelity (0 for esnb, 33 for paper)
-    iterations: int = 500
-    train_size: int = 200
-    batch_size: int | None = None
-    test_size: int | None = None
-    eval_every: int = 10
-    checkpoint_every: int = 10
-    max_new_tokens: int | None = None
+    es: ESConfig | dict | None = None  # None: ESConfig(), or ESConfig.paper() with fidelity="paper"
+    iterations: int = cli_field(500, "ES iterations in total", type=nonneg_int)
+    train_size: int = cli_field(200, "training items used", type=positive_int)
+    batch_size: int | None = cli_field(None, "prompts per member per iteration (default: all)", type=positive_int,
+                                       show_default=False)
+    test_size: int | None = cli_field(None, "held-out items per evaluation (default: all)", type=positive_int,
+                                      show_default=False)
+    eval_every: int = cli_field(10, "held-out evaluation every K iterations", type=nonneg_int)
+    checkpoint_every: int = cli_field(10, "checkpoint every K iterations", type=nonneg_int)
+    max_new_tokens: int | None = cli_field(None, "generation cap (default: the task's)", type=positive_int,
+                                           show_default=False)
     gen_batch_size: int = 256
     eval_batch_size: int = 256
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = cli_field(None, "cpu, cuda, mps (default: the best available)", show_default=False)
+    dtype: str | None = cli_field(None, "working precision (default bf16 on a GPU, fp32 on a CPU); the master copy "
+                                  "is fp32 (none with --precision paper)", show_default=False,
+                                  choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"])
     master_device: str | None = None
     save_initial: bool = True
     save_final: bool = True
     population_batch: bool | str = "auto"
-    fidelity: str = "esnb"
-    noise: str | None = None          # None: from fidelity ("independent" for esnb)
-    precision: str | None = None      # None: from fidelity ("master" for esnb)
-    early_stop: bool | None = None    # None: from fidelity (True for esnb)
-    seeds: str | None = None          # None: from fidelity ("esnb" for esnb, "paper" for paper)
-    decoder: str | None = None        # None: from fidelity ("esnb" for esnb, "generate" for paper)
+    fidelity: str = cli_field("esnb", "all of the paper's choices: --noise paper --precision paper --no-early-stop "
+                              f"--seeds paper (run seed {PAPER_SEED}) and, for countdown, prompt_style=paper, "
+                              "targets=paper and reward=paper-script (give --data for the paper's puzzles)",
+                              flag="--paper-faithful", group=PAPER_GROUP, show_default=False, action="store_const",
+                              const="paper")
+    # None: from fidelity (True for esnb)
+    early_stop: bool | None = cli_field(None, "generate to EOS or the token cap and reward the last answer block "
+                                        "(default: stop at the task's stop strings, e.g. the first </answer>)",
+                                        flag="--no-early-stop", group=PAPER_GROUP, show_default=False,
+                                        action="store_const", const=False)
+    # None: from fidelity ("esnb" for esnb, "paper" for paper)
+    seeds: str | None = cli_field(None, "member seeds: 'paper': numpy seeded once with --seed, randint(0, 2**30, N) "
+                                  "per iteration, as the paper's script (default: esnb's, a function of seed and "
+                                  "iteration)", group=PAPER_GROUP, show_default=False, choices=list(SEED_SCHEDULES))
+    # None: from fidelity ("esnb" for esnb, "generate" for paper)
+    decoder: str | None = cli_field(None, "'generate': Hugging Face generate with the checkpoint's generation config "
+                                    "(repetition penalty included), as the paper's script (default: esnb's faster "
+                                    "decoder)", group=PAPER_GROUP, show_default=False, choices=list(DECODERS))
 
     def __post_init__(self) -> None:
         if self.fidelity not in FIDELITIES:
             raise ValueError(f"fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
         paper = self.fidelity == "paper"
-        if self.noise is None:
-            self.noise = "paper" if paper else "independent"
-        if self.precision is None:
-            self.precision = "paper" if paper else "master"
+        self.es = self._es_config(self.es, paper)
         if self.early_stop is None:
             self.early_stop = not paper
         if not isinstance(self.early_stop, bool):
             raise ValueError(f"early_stop must be True, False or None, got {self.early_stop!r}")
-        if self.seed is None:
-            self.seed = PAPER_SEED if paper else 0
         if self.seeds is None:
             self.seeds = "paper" if paper else "esnb"
         if self.seeds not in SEED_SCHEDULES:
@@ -219,10 +224,6 @@ class FinetuneConfig:
             self.decoder = "generate" if paper else "esnb"
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-        self.es_config()  # validates the ES fields, naming the bad one
-        self.population_size = int(self.population_size)
-        self.sigma, self.alpha = float(self.sigma), float(self.alpha)
-        self.momentum, self.weight_decay, self.seed = float(self.momentum), float(self.weight_decay), int(self.seed)
         self.iterations = _check_int("iterations", self.iterations, 0)
         self.train_size = _check_int("train_size", self.train_size, 1)
         self.batch_size = _check_int("batch_size", self.batch_size, 1, allow_none=True)
@@ -255,26 +256,50 @@ class FinetuneConfig:
         if not (isinstance(self.population_batch, bool) or self.population_batch == "auto"):
             raise ValueError(f"population_batch must be True, False or 'auto', got {self.population_batch!r}")
 
-    def es_config(self) -> ESConfig:
-        """The :class:`ESConfig` of the ES fields."""
-        return ESConfig(population_size=self.population_size, sigma=self.sigma, alpha=self.alpha,
-                        antithetic=self.antithetic, shaping=self.shaping, optimizer=self.optimizer,
-                        momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
-                        noise=self.noise, precision=self.precision)
+    @staticmethod
+    def _es_config(es: ESConfig | dict | None, paper: bool) -> ESConfig:
+        if isinstance(es, ESConfig):
+            return es
+        if es is not None and not isinstance(es, dict):
+            raise ValueError(f"es must be an ESConfig, a dict of its fields or None, got {type(es).__name__}")
+        return (ESConfig.paper if paper else ESConfig)(**(es or {}))
+
+    @classmethod
+    def of(cls, **settings: Any) -> "FinetuneConfig":
+        """A config from flat settings: :class:`ESConfig`'s fields (``population_size``, ``sigma``,
+        ``alpha``, ...) and this class's own, in one dict (a sweep's or the command line's). A
+        ``None`` ES setting means "the default" (the paper's with ``fidelity="paper"``)."""
+        es_names = {f.name for f in fields(ESConfig)}
+        own = {f.name for f in fields(cls)} - {"es"}
+        unknown = sorted(set(settings) - es_names - own)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}: not a field of FinetuneConfig or ESConfig")
+        es = {k: v for k, v in settings.items() if k in es_names and v is not None}
+        return cls(es=es, **{k: v for k, v in settings.items() if k in own})
 
     @property
     def prompts_per_member(self) -> int:
         return self.batch_size or self.train_size
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "es": self.es.to_dict()}
+
+    def flat(self) -> dict:
+        """Every setting in one flat dict: the ES engine's fields beside this config's own."""
+        d = self.to_dict()
+        return {**d.pop("es"), **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
-        """The config of a saved ``to_dict()``; one saved before ``seeds`` or ``decoder`` existed
-        used esnb's (``"esnb"`` for both)."""
+        """The config of a saved ``to_dict()``. One saved before ``seeds`` or ``decoder`` existed
+        used esnb's (``"esnb"`` for both); one saved before the ES settings were an ``es`` entry
+        has them flat beside the others."""
+        d = {"seeds": "esnb", "decoder": "esnb", **d}
+        es_names = {f.name for f in fields(ESConfig)}
+        if "es" not in d:
+            d["es"] = {k: d[k] for k in es_names if k in d}
         known = {f.name for f in fields(cls)}
-        return cls(**{"seeds": "esnb", "decoder": "esnb", **{k: v for k, v in d.items() if k in known}})
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "es": ESConfig.from_dict(d["es"])})
 
 
 def batch_indices(seed: int, iteration: int, train_size: int, batch_size: int | None) -> list[int]:
@@ -430,8 +455,12 @@ def check_context(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_to
 
 
 def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
-    diffs = [f"{k}: {saved[k]!r} in the run, {v!r} now" for k, v in config.to_dict().items()
-             if k not in _RESUMABLE and k in saved and saved[k] != v]
+    try:
+        run = FinetuneConfig.from_dict(saved).flat()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: cannot resume: the run's settings do not read ({e})") from None
+    diffs = [f"{k}: {run.get(k)!r} in the run, {v!r} now" for k, v in config.flat().items()
+             if k not in _RESUMABLE and run.get(k) != v]
     if diffs:
         raise ValueError(f"{where}: cannot resume with different settings ({'; '.join(diffs)})")
 
@@ -547,7 +576,7 @@ class _Data:
 
     def batch(self, config: FinetuneConfig, iteration: int) -> tuple[list[str], list]:
         """The prompts and items every member sees at ``iteration``."""
-        idx = batch_indices(config.seed, iteration, config.train_size, config.batch_size)
+        idx = batch_indices(config.es.seed, iteration, config.train_size, config.batch_size)
         return [self.train_prompts[i] for i in idx], [self.train_items[i] for i in idx]
 
 
@@ -596,9 +625,7 @@ class _Run:
     def _resume(self, ckpt: dict | None, fingerprint: dict, metadata: dict | None) -> None:
         out, es, config = self.out, self.es, self.config
         saved_meta = read_run_config(out)
-        # a run saved before the ``seeds``/``decoder`` fields used esnb's
-        saved_cfg = {"seeds": "esnb", "decoder": "esnb", **saved_meta.get("finetune", {})}
-        _check_resume_config(saved_cfg, config, out / "config.json")
+        _check_resume_config(saved_meta.get("finetune", {}), config, out / "config.json")
         _check_resume_prompts(saved_meta.get("prompts"), fingerprint, out / "config.json")
         if ckpt is not None:
             es.load_state_dict(ckpt["es"])
@@ -772,7 +799,7 @@ def finetune(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] |
         task = NoEarlyStop(task)
     score_population = population_evaluator or functools.partial(score_members, population_batch=config.population_batch)
     model = _prepare_model(model, config)
-    es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es_config(), master_device=config.master_device,
+    es = (PaperSeedsES if config.seeds == "paper" else ES)(model, config.es, master_device=config.master_device,
                                                             noise_cache=noise_cache)
     run = _Run(model, tokenizer, task, data, config, es, output_dir, callback)
     run.open(resume, overwrite, metadata)
@@ -849,7 +876,7 @@ def rebuild(directory: str | os.PathLike, model: Any, until: int | None = None) 
     if (directory / INITIAL).is_file():
         initial = load_checkpoint(directory / INITIAL)
     else:
-        initial = ES(model, config.es_config()).state_dict()
+        initial = ES(model, config.es).state_dict()
     return replay((initial, read_log(directory / "log.jsonl")), model, until=until,
                   master_device=config.master_device)
 
@@ -857,40 +884,16 @@ def rebuild(directory: str | os.PathLike, model: Any, until: int | None = None) 
 # ---------------------------------------------------------------- command line
 
 
-def _cli_number(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
-    """An argparse ``type``: parse ``kind`` and require ``> low`` (strict) or ``>= low``, finite."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        if not math.isfinite(value) or (value <= low if strict else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _cli_number(int, 0, strict=True)
-_nonneg_int = _cli_number(int, 0, strict=False)
-_positive_float = _cli_number(float, 0, strict=True)
-_nonneg_float = _cli_number(float, 0, strict=False)
-
-
-# Settings the command line can give, with FinetuneConfig's name where it differs.
-_CLI_CONFIG = {"population": "population_size", "sigma": "sigma", "alpha": "alpha", "seed": "seed",
-               "antithetic": "antithetic", "shaping": "shaping", "iterations": "iterations",
-               "train_size": "train_size", "batch_size": "batch_size", "test_size": "test_size",
-               "eval_every": "eval_every", "checkpoint_every": "checkpoint_every",
-               "max_new_tokens": "max_new_tokens", "device": "device", "dtype": "dtype",
-               "fidelity": "fidelity", "noise": "noise", "precision": "precision", "early_stop": "early_stop",
-               "seeds": "seeds", "decoder": "decoder"}
 # What may change when a run is resumed from the command line.
 _CLI_RESUMABLE = ("iterations", "eval_every", "checkpoint_every", "test_size", "threads", "no_progress")
+# Settings a run folder's config.json may hold under an older name.
+_CLI_RENAMED = {"population": "population_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = FinetuneConfig()
+    """The arguments of ``python -m esnb.finetune`` (and of ``torchrun -m esnb.distributed``): the
+    run's own (model, task, folders) and one flag per command-line field of :class:`FinetuneConfig`
+    and :class:`esnb.es.ESConfig`, help text and checks taken from the fields."""
     ap = OneLineParser(
         prog="python -m esnb.finetune", allow_abbrev=False,
         description="Full-parameter ES fine-tuning of a causal LM on a task (Qiu et al. 2025). "
@@ -904,47 +907,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "one, from its seed log)")
     ap.add_argument("--overwrite", action="store_const", const=True,
                     help="allow --output to be a non-empty folder that holds no run, or a finished run to replace")
-    ap.add_argument("--iterations", type=_nonneg_int, help=f"ES iterations in total (default {d.iterations})")
-    ap.add_argument("--population", type=_positive_int, help=f"population size N (default {d.population_size})")
-    ap.add_argument("--sigma", type=_positive_float, help=f"noise scale (default {d.sigma})")
-    ap.add_argument("--alpha", type=_nonneg_float, help=f"learning rate (default {d.alpha})")
-    ap.add_argument("--seed", type=_nonneg_int, help=f"run seed (default {d.seed}; {PAPER_SEED} with --paper-faithful)")
-    ap.add_argument("--antithetic", action="store_const", const=True, help="mirrored +/- noise pairs (the paper: off)")
-    ap.add_argument("--shaping", choices=["zscore", "centered_rank", "raw"], help=f"fitness shaping (default {d.shaping})")
-    ap.add_argument("--train-size", type=_positive_int, help=f"training items used (default {d.train_size})")
-    ap.add_argument("--batch-size", type=_positive_int, help="prompts per member per iteration (default: all)")
-    ap.add_argument("--test-size", type=_positive_int, help="held-out items per evaluation (default: all)")
-    ap.add_argument("--eval-every", type=_nonneg_int, help=f"held-out evaluation every K iterations (default {d.eval_every})")
-    ap.add_argument("--checkpoint-every", type=_nonneg_int, help=f"checkpoint every K iterations (default {d.checkpoint_every})")
-    ap.add_argument("--max-new-tokens", type=_positive_int, help="generation cap (default: the task's)")
-    ap.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
-                    help="working precision (default bf16 on a GPU, fp32 on a CPU); the master copy is fp32 (none with --precision paper)")
-    ap.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_const", const=True, help="one printed line per iteration instead of a bar")
-    paper = ap.add_argument_group("the paper's choices (Qiu et al. 2025, released code), one switch or piece by piece")
-    paper.add_argument("--paper-faithful", dest="fidelity", action="store_const", const="paper",
-                       help="all of them: --noise paper --precision paper --no-early-stop --seeds paper (run seed "
-                            f"{PAPER_SEED}) and, for countdown, prompt_style=paper, targets=paper and "
-                            "reward=paper-script (give --data for the paper's puzzles)")
-    paper.add_argument("--noise", choices=["independent", "paper", "table"],
-                       help="'paper': every tensor of a member seeded with the member's seed; 'table': windows of one "
-                            "shared Gaussian table (esnb.noise.NoiseTable) (default: independent streams)")
-    paper.add_argument("--precision", choices=["master", "paper"],
-                       help="'paper': perturb, restore by subtraction and update in the model's dtype, no float32 "
-                            "master (default: master)")
-    paper.add_argument("--no-early-stop", dest="early_stop", action="store_const", const=False,
-                       help="generate to EOS or the token cap and reward the last answer block (default: stop at "
-                            "the task's stop strings, e.g. the first </answer>)")
-    paper.add_argument("--seeds", choices=list(SEED_SCHEDULES),
-                       help="member seeds: 'paper': numpy seeded once with --seed, randint(0, 2**30, N) per "
-                            "iteration, as the paper's script (default: esnb's, a function of seed and iteration)")
-    paper.add_argument("--decoder", choices=list(DECODERS),
-                       help="'generate': Hugging Face generate with the checkpoint's generation config (repetition "
-                            "penalty included), as the paper's script (default: esnb's faster decoder)")
-    paper.add_argument("--data", metavar="PATH",
-                       help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
+    groups: dict = {}
+    add_config_arguments(ap, ESConfig, FinetuneConfig, groups=groups)
+    groups[PAPER_GROUP].add_argument(
+        "--data", metavar="PATH",
+        help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
     return ap
+
+
+def config_from_settings(settings: dict) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of command-line settings (``vars(args)``, or a run folder's
+    saved ``cli`` settings): the fields they set, defaults for the rest."""
+    return FinetuneConfig.of(**config_settings(settings, ESConfig, FinetuneConfig))
 
 
 def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> dict:
@@ -962,7 +938,7 @@ def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> di
     return options
 
 
-def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, bool]:
+def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, bool]:
     """(run directory, settings, resuming) from the parsed arguments; errors go through ``ap.error``."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output", "overwrite")}
     if args.resume:
@@ -978,6 +954,7 @@ def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             ap.error(f"--resume: {e}")
         if not saved or not isinstance(saved, dict):
             ap.error(f"--resume: {out} was not started from the command line (config.json has no 'cli' settings)")
+        saved = {_CLI_RENAMED.get(k, k): v for k, v in saved.items()}
         if not (out / "log.jsonl").is_file():
             ap.error(f"--resume: {out / 'log.jsonl'} is missing: the run's seed log is gone, so it cannot be resumed")
         try:
@@ -995,8 +972,9 @@ def _cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             given["task_options"] = _parse_task_options(ap, given.pop("task_option"))
         clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
         if clash:
-            ap.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in "
-                     f"{out}; only {', '.join('--' + k.replace('_', '-') for k in _CLI_RESUMABLE)} may change")
+            ap.error(f"--resume: {', '.join(flag_of(k, ESConfig, FinetuneConfig) for k in clash)} differ from the "
+                     f"run in {out}; only {', '.join(flag_of(k, ESConfig, FinetuneConfig) for k in _CLI_RESUMABLE)} "
+                     f"may change")
         return out, {**saved, **given}, True
     missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
     if missing:
@@ -1045,7 +1023,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m esnb.finetune``: see ``--help``. Bad arguments end with one line (exit status 2)."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    out, settings, resuming = _cli_settings(ap, args)
+    out, settings, resuming = cli_settings(ap, args)
     saved_run = read_run_config(out).get("finetune", {"seeds": None}) if resuming else {}
     if resuming and "seeds" not in saved_run:
         # made before seed schedules, paper mode's seed 33 and the paper-script reward: it keeps esnb's
@@ -1053,10 +1031,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.setdefault("seed", saved_run.get("seed", 0))
         settings["legacy_reward"] = True
     try:
-        config = FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in settings.items() if k in _CLI_CONFIG})
+        config = config_from_settings(settings)
     except ValueError as e:
         ap.error(str(e))
-    _check_population_fits(ap, config.population_size)
+    _check_population_fits(ap, config.es.population_size)
     if config.device is not None:
         from .models import check_device
 

@@ -114,7 +114,7 @@ def measure_memory(method: str, model: str = "tiny", task: str = "countdown",
     measurement sees almost nothing; a child process starts clean. The child loads the model and
     the task, imports both training stacks (so library imports are not counted against either
     method), then runs ``method`` (``"es"``: :func:`esnb.finetune.finetune` with
-    ``FinetuneConfig(**settings)``; ``"grpo"``: :func:`esnb.grpo.train_grpo` with
+    ``FinetuneConfig.of(**settings)``; ``"grpo"``: :func:`esnb.grpo.train_grpo` with
     ``GRPORunConfig(**settings)``) inside :class:`PeakRSS`. Returns ``{"method", "peak_rss",
     "rss_start", "cuda_peak", "weights_bytes", "seconds"}`` (bytes).
     """
@@ -153,7 +153,7 @@ def _probe(spec: dict) -> dict:
     t = time.perf_counter()
     with PeakRSS() as mem:
         if spec["method"] == "es":
-            cfg = FinetuneConfig(**{"train_size": len(train), "save_final": False, **spec["settings"]})
+            cfg = FinetuneConfig.of(**{"train_size": len(train), "save_final": False, **spec["settings"]})
             finetune(model, tok, task, train, test, cfg, progress=False)
         else:
             cfg = GRPORunConfig(**{"progress": False, **spec["settings"]})

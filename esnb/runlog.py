@@ -349,7 +349,7 @@ def replay(run: str | os.PathLike | tuple[dict, list[dict]], params: nn.Module |
     ``until=k`` stops before iteration ``k``. Returns the ES, ready to continue the run.
     """
     initial, entries = load_run(run) if not isinstance(run, tuple) else run
-    config = ESConfig(**{**initial["config"], "adam_betas": tuple(initial["config"]["adam_betas"])})
+    config = ESConfig.from_dict(initial["config"])
     if params is None:
         params = [m.detach().clone() for m in initial["master"]]
     es = ES(params, config, master_device=master_device)

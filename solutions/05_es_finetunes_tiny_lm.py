@@ -88,7 +88,7 @@ def _engine(train, test, **overrides):
     settings = dict(population_size=N, antithetic=True, sigma=SIGMA, alpha=ALPHA, batch_size=BATCH, iterations=1,
                     train_size=len(train), eval_every=0, seed=SEED, save_final=False)
     settings.update(overrides)
-    return model, finetune(model, tok, TASK, train, test, FinetuneConfig(**settings), progress=False)
+    return model, finetune(model, tok, TASK, train, test, FinetuneConfig.of(**settings), progress=False)
 
 
 def exercise_1() -> None:

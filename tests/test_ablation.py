@@ -70,7 +70,7 @@ def test_fresh_run_sees_new_puzzles_and_its_log_rebuilds(tmp_path):
             return super().__call__(es, members, model, tokenizer, task, prompts, items, *a, **k)
 
     model, tok = load_model("tiny", device="cpu")
-    cfg = FinetuneConfig(population_size=2, antithetic=True, sigma=0.002, alpha=0.002, batch_size=2, iterations=3,
+    cfg = FinetuneConfig.of(population_size=2, antithetic=True, sigma=0.002, alpha=0.002, batch_size=2, iterations=3,
                          eval_every=0, test_size=3, save_final=False, train_size=2)
     import esnb.ablation as ab
     orig, ab.FreshPuzzles = ab.FreshPuzzles, Spy

@@ -43,8 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 def test_config_defaults_are_the_papers():
     c = FinetuneConfig()
-    assert (c.population_size, c.sigma, c.alpha, c.train_size, c.batch_size) == (30, 1e-3, 5e-4, 200, None)
-    assert c.shaping == "zscore" and not c.antithetic and c.optimizer == "sgd"
+    assert (c.es.population_size, c.es.sigma, c.es.alpha, c.train_size, c.batch_size) == (30, 1e-3, 5e-4, 200, None)
+    assert c.es.shaping == "zscore" and not c.es.antithetic and c.es.optimizer == "sgd"
     assert FinetuneConfig.from_dict(c.to_dict()) == c
 
 
@@ -56,9 +56,9 @@ def test_config_defaults_are_the_papers():
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        FinetuneConfig(**{field: value})
+        FinetuneConfig.of(**{field: value})
     with pytest.raises(ValueError, match="batch_size"):
-        FinetuneConfig(train_size=10, batch_size=11)
+        FinetuneConfig.of(train_size=10, batch_size=11)
 
 
 def test_batches_are_a_pure_function_of_seed_and_iteration():
@@ -70,7 +70,7 @@ def test_batches_are_a_pure_function_of_seed_and_iteration():
 
 def test_es_improves_reward_on_a_learnable_task(tokenizer):
     model = _model(tokenizer)
-    cfg = FinetuneConfig(population_size=16, sigma=0.1, alpha=0.2, iterations=30, train_size=8, eval_every=0)
+    cfg = FinetuneConfig.of(population_size=16, sigma=0.1, alpha=0.2, iterations=30, train_size=8, eval_every=0)
     res = finetune(model, tokenizer, DigitTask(), TRAIN, TEST, cfg, progress=False)
     log, evals = res.log, res.evals
     assert list(evals.iteration) == [0, 30]
@@ -83,7 +83,7 @@ def test_es_improves_reward_on_a_learnable_task(tokenizer):
 
 def _run(tokenizer, out, dtype, iterations, stop_after=None, **kw):
     model = _model(tokenizer, dtype)
-    cfg = FinetuneConfig(population_size=6, sigma=0.1, alpha=0.2, iterations=iterations, train_size=8,
+    cfg = FinetuneConfig.of(population_size=6, sigma=0.1, alpha=0.2, iterations=iterations, train_size=8,
                          batch_size=4, eval_every=2, checkpoint_every=2, seed=7, **kw)
 
     def crash(result):
@@ -125,7 +125,7 @@ def test_killed_run_resumes_bit_identically(tokenizer, tmp_path, dtype):
 
 def test_resume_refuses_different_settings(tokenizer, tmp_path):
     _run(tokenizer, tmp_path / "run", torch.float32, 2)
-    cfg = FinetuneConfig(population_size=6, sigma=0.05, alpha=0.2, iterations=4, train_size=8, batch_size=4, seed=7)
+    cfg = FinetuneConfig.of(population_size=6, sigma=0.05, alpha=0.2, iterations=4, train_size=8, batch_size=4, seed=7)
     with pytest.raises(ValueError, match="sigma"):
         finetune(_model(tokenizer), tokenizer, DigitTask(), TRAIN, TEST, cfg, output_dir=tmp_path / "run",
                  resume=True, progress=False)
@@ -138,7 +138,7 @@ def test_resume_refuses_other_puzzles_or_prompts(tokenizer, tmp_path):
     """A resume that would train on other puzzles (another --data file, another prompt style) or
     evaluate other held-out ones is refused; the same prompts resume, a smaller test_size too."""
     _run(tokenizer, tmp_path / "run", torch.float32, 2)
-    cfg = FinetuneConfig(population_size=6, sigma=0.1, alpha=0.2, iterations=3, train_size=8, batch_size=4,
+    cfg = FinetuneConfig.of(population_size=6, sigma=0.1, alpha=0.2, iterations=3, train_size=8, batch_size=4,
                          eval_every=2, checkpoint_every=2, seed=7)
     other_train = [{"p": f"{i} {5 * i}>"} for i in range(8)]
     with pytest.raises(ValueError, match="training prompts differ"):

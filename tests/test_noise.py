@@ -211,7 +211,7 @@ def test_noise_table_run_replays_bit_exactly_from_its_seed_log(tmp_path, one_cpu
 
     model, tok = load_model("tiny", device="cpu")
     train, test = cd.load_split()
-    cfg = FinetuneConfig(population_size=6, sigma=0.05, alpha=0.01, iterations=2, train_size=6, test_size=2,
+    cfg = FinetuneConfig.of(population_size=6, sigma=0.05, alpha=0.01, iterations=2, train_size=6, test_size=2,
                          max_new_tokens=40, eval_every=0, checkpoint_every=0, noise="table", save_final=False)
     result = finetune(model, tok, get_task("countdown", prompt_style="compact"), train, test, cfg,
                       output_dir=tmp_path / "run", progress=False)
@@ -223,7 +223,7 @@ def test_noise_table_run_replays_bit_exactly_from_its_seed_log(tmp_path, one_cpu
     assert all(torch.equal(a, b) for a, b in zip(trained, fresh.parameters()))
     # and the table changed the result: the same run with independent noise ends elsewhere
     other, _ = load_model("tiny", device="cpu")
-    cfg.noise = "independent"
+    cfg = FinetuneConfig.of(**{**cfg.flat(), "noise": "independent"})
     finetune(other, tok, get_task("countdown", prompt_style="compact"), train, test, cfg, progress=False)
     assert not all(torch.equal(a, b) for a, b in zip(trained, other.parameters()))
 

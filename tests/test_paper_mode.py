@@ -125,19 +125,23 @@ def test_paper_precision_refuses_optimizers_the_paper_does_not_have():
 
 def test_fidelity_paper_is_one_switch_and_each_piece_stays_settable():
     cfg = FinetuneConfig(fidelity="paper")
-    assert (cfg.noise, cfg.precision, cfg.early_stop) == ("paper", "paper", False)
-    assert (cfg.population_size, cfg.sigma, cfg.alpha, cfg.antithetic, cfg.shaping) == (30, 1e-3, 5e-4, False, "zscore")
-    es_cfg = cfg.es_config()
-    assert (es_cfg.noise, es_cfg.precision) == ("paper", "paper")
+    assert (cfg.es.noise, cfg.es.precision, cfg.early_stop) == ("paper", "paper", False)
+    es = cfg.es
+    assert (es.population_size, es.sigma, es.alpha, es.antithetic, es.shaping) == (30, 1e-3, 5e-4, False, "zscore")
+    assert cfg.es == ESConfig.paper()
     default = FinetuneConfig()
-    assert (default.noise, default.precision, default.early_stop, default.fidelity) == ("independent", "master", True, "esnb")
-    mixed = FinetuneConfig(fidelity="paper", precision="master")  # one piece back to esnb's choice
-    assert (mixed.noise, mixed.precision) == ("paper", "master")
+    assert (default.es.noise, default.es.precision, default.early_stop, default.fidelity) == \
+        ("independent", "master", True, "esnb")
+    mixed = FinetuneConfig.of(fidelity="paper", precision="master")  # one piece back to esnb's choice
+    assert (mixed.es.noise, mixed.es.precision) == ("paper", "master")
+    assert FinetuneConfig(fidelity="paper", es={"precision": "master"}) == mixed  # the same, nested
+    given = FinetuneConfig(fidelity="paper", es=ESConfig(population_size=4))  # an ESConfig is taken as given
+    assert (given.es.noise, given.es.population_size, given.early_stop) == ("independent", 4, False)
     assert FinetuneConfig.from_dict(mixed.to_dict()) == mixed
     with pytest.raises(ValueError, match="fidelity"):
-        FinetuneConfig(fidelity="exact")
+        FinetuneConfig.of(fidelity="exact")
     with pytest.raises(ValueError, match="early_stop"):
-        FinetuneConfig(early_stop="no")
+        FinetuneConfig.of(early_stop="no")
 
 
 # ---------------------------------------------------------------- the engine in paper mode
@@ -191,12 +195,13 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     cfg = dict(fidelity="paper", population_size=4, sigma=0.1, alpha=0.2, train_size=4, test_size=2,
                eval_every=0, checkpoint_every=1, save_final=False)
     live = _micro(tok)
-    finetune(live, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
+    finetune(live, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig.of(iterations=3, **cfg),
              output_dir=tmp_path / "a", progress=False)
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (meta["finetune"]["noise"], meta["finetune"]["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
+    es = meta["finetune"]["es"]
+    assert (es["noise"], es["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
     assert (meta["config"]["noise"], meta["config"]["precision"]) == ("paper", "paper")  # the seed log's ES config
-    assert (meta["finetune"]["seeds"], meta["finetune"]["seed"]) == ("paper", 33)
+    assert (meta["finetune"]["seeds"], es["seed"]) == ("paper", 33)
     rewards = [json.loads(line)["reward_std"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert all(std > 0 for std in rewards)  # every iteration updated (no all-tie population)
     assert not bit_equal(live, _micro(tok))  # it moved
@@ -206,10 +211,10 @@ def test_paper_fidelity_run_records_its_mode_rebuilds_and_resumes_bit_identicall
     assert bit_equal(rebuilt, live)
     # a run stopped after 2 iterations and resumed to 3 ends with the same weights
     part = _micro(tok)
-    finetune(part, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=2, **cfg),
+    finetune(part, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig.of(iterations=2, **cfg),
              output_dir=tmp_path / "b", progress=False)
     resumed = _micro(tok)
-    finetune(resumed, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig(iterations=3, **cfg),
+    finetune(resumed, tok, _Varied(), _ITEMS[:4], _ITEMS[4:], FinetuneConfig.of(iterations=3, **cfg),
              output_dir=tmp_path / "b", resume=True, progress=False)
     assert bit_equal(resumed, live)
 
@@ -229,7 +234,7 @@ def test_early_stop_false_generates_without_the_tasks_stop_strings(monkeypatch, 
     monkeypatch.setattr(ft, "generate", spy)
     for early_stop, expected in ((True, ("9",)), (False, ())):
         seen.clear()
-        cfg = FinetuneConfig(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
+        cfg = FinetuneConfig.of(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
                              early_stop=early_stop, population_batch=False)  # the per-member path calls generate
         ft.finetune(_micro(tok).float(), tok, _Digits(), _ITEMS[:2], _ITEMS[2:3], cfg, progress=False)
         assert seen and set(seen) == {expected}
@@ -251,7 +256,7 @@ def test_early_stop_false_reaches_the_population_batched_decoder_too(monkeypatch
     monkeypatch.setattr(pop, "score_population", spy)
     for early_stop, expected in ((True, ("9",)), (False, ())):
         seen.clear()
-        cfg = FinetuneConfig(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
+        cfg = FinetuneConfig.of(population_size=2, iterations=1, train_size=2, test_size=1, eval_every=0,
                              early_stop=early_stop, population_batch=True)
         finetune(_micro(tok).float(), tok, _Digits(), _ITEMS[:2], _ITEMS[2:3], cfg, progress=False)
         assert seen and set(seen) == {expected}
@@ -293,7 +298,8 @@ def test_cli_paper_faithful_with_the_papers_data_file(tmp_path, capsys, one_cpu_
     assert main(args + ["--task-option", "prompt_style=compact", "--overwrite"]) == 0
     meta = json.loads((out / "config.json").read_text())
     assert meta["cli"]["fidelity"] == "paper"
-    assert (meta["finetune"]["noise"], meta["finetune"]["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
+    es = meta["finetune"]["es"]
+    assert (es["noise"], es["precision"], meta["finetune"]["early_stop"]) == ("paper", "paper", False)
     assert "prompt_style='compact'" in meta["task_repr"] and "targets='paper'" in meta["task_repr"]
     after = [json.loads(line) for line in (out / "samples_after.jsonl").read_text().splitlines()]
     from esnb.tasks import countdown as cd

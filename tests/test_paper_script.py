@@ -263,22 +263,22 @@ def test_paper_seed_schedule_matches_the_script():
 
 def test_paper_mode_defaults_to_the_papers_seeds_and_old_logs_keep_esnbs():
     paper, default = FinetuneConfig(fidelity="paper"), FinetuneConfig()
-    assert (paper.seeds, paper.seed) == ("paper", 33)
-    assert (default.seeds, default.seed) == ("esnb", 0)
-    assert FinetuneConfig(fidelity="paper", seeds="esnb", seed=5).seeds == "esnb"
+    assert (paper.seeds, paper.es.seed) == ("paper", 33)
+    assert (default.seeds, default.es.seed) == ("esnb", 0)
+    assert FinetuneConfig.of(fidelity="paper", seeds="esnb", seed=5).seeds == "esnb"
     assert FinetuneConfig.from_dict(paper.to_dict()) == paper
     legacy = {k: v for k, v in paper.to_dict().items() if k != "seeds"}  # a config.json from before the field
     assert FinetuneConfig.from_dict(legacy).seeds == "esnb"
+    flat = {k: v for k, v in paper.flat().items() if k != "seeds"}  # and from before the nested ES settings
+    assert FinetuneConfig.from_dict(flat) == FinetuneConfig.from_dict(legacy)
     with pytest.raises(ValueError, match="seeds"):
-        FinetuneConfig(seeds="numpy")
-    from esnb.finetune import _CLI_CONFIG, build_parser
+        FinetuneConfig.of(seeds="numpy")
+    from esnb.finetune import build_parser, config_from_settings
 
     args = build_parser().parse_args(["--model", "tiny", "--task", "countdown", "--paper-faithful", "--output", "x"])
-    cli = FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in vars(args).items() if v is not None and k in _CLI_CONFIG})
-    assert cli == paper
+    assert config_from_settings(vars(args)) == paper
     args = build_parser().parse_args(["--model", "tiny", "--task", "countdown", "--seeds", "paper", "--output", "x"])
-    assert FinetuneConfig(**{_CLI_CONFIG[k]: v for k, v in vars(args).items()
-                             if v is not None and k in _CLI_CONFIG}).seeds == "paper"
+    assert config_from_settings(vars(args)).seeds == "paper"
 
 
 # ---------------------------------------------------------------- two iterations of the script's loop
@@ -355,13 +355,13 @@ def test_a_paper_mode_run_on_the_tiny_model_is_the_scripts_loop(tmp_path, one_cp
         seen.append(rewards)
         return rewards, accs
 
-    cfg = FinetuneConfig(fidelity="paper", population_size=population, sigma=sigma, alpha=alpha,
+    cfg = FinetuneConfig.of(fidelity="paper", population_size=population, sigma=sigma, alpha=alpha,
                          iterations=iterations, train_size=len(items), test_size=1, eval_every=0,
                          checkpoint_every=0, save_final=False)
     finetune(live, tok, task, items, test, cfg, output_dir=tmp_path / "run", progress=False, population_evaluator=spy)
     log = read_log(tmp_path / "run" / "log.jsonl")
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (meta["finetune"]["seeds"], meta["finetune"]["seed"]) == ("paper", 33)
+    assert (meta["finetune"]["seeds"], meta["finetune"]["es"]["seed"]) == ("paper", 33)
 
     script_model, tok2 = load_model("tiny", device="cpu", dtype=dtype)
     dataset = [(task.prompt(x), x["target"]) for x in items]
@@ -391,7 +391,7 @@ def test_cli_paper_faithful_records_the_papers_seeds_and_reward(tmp_path, one_cp
     assert main(args + ["--task-option", "prompt_style=compact", "--overwrite"]) == 0
     meta = json.loads((out / "config.json").read_text())
     assert "reward='paper-script'" in meta["task_repr"] and "prompt_style='compact'" in meta["task_repr"]
-    assert (meta["finetune"]["seeds"], meta["finetune"]["seed"]) == ("paper", 33)
+    assert (meta["finetune"]["seeds"], meta["finetune"]["es"]["seed"]) == ("paper", 33)
     log = read_log(out / "log.jsonl")
     assert [e["seeds"] for e in log] == _script_seeds(2, 2)
     # (the 0.06 floor comes from the paper prompt's own tags, which the compact prompt has not:
@@ -413,11 +413,12 @@ def test_a_run_logged_before_seed_schedules_resumes_with_esnbs_seeds_and_reward(
                  "--task-option", "prompt_style=compact", "--iterations", "1", "--output", str(out)]) == 0
     # what such a run's config.json held before this change: no seeds, no seed and no reward given
     meta = json.loads((out / "config.json").read_text())
+    meta["finetune"] = {**meta["finetune"].pop("es"), **meta["finetune"]}  # and its ES settings were flat
     del meta["finetune"]["seeds"], meta["cli"]["seeds"], meta["cli"]["seed"], meta["cli"]["task_options"]["reward"]
     (out / "config.json").write_text(json.dumps(meta))
     model, tok = load_model("tiny")
     with pytest.raises(ValueError, match="seeds"):  # paper mode's seeds now: the old run refuses them
-        finetune(model, tok, get_task("countdown", **cd.paper_options(prompt_style="compact")), config=FinetuneConfig(
+        finetune(model, tok, get_task("countdown", **cd.paper_options(prompt_style="compact")), config=FinetuneConfig.of(
             fidelity="paper", seed=0, iterations=2, population_size=2, train_size=2, test_size=1, max_new_tokens=4),
             output_dir=out, resume=True, progress=False)
     assert main(["--resume", str(out), "--iterations", "2", "--no-progress"]) == 0
@@ -438,7 +439,7 @@ def test_paper_mode_decodes_with_generate_and_the_checkpoints_repetition_penalty
     model.generation_config.repetition_penalty = 1.3
     task = get_task("countdown", **cd.paper_options(prompt_style="compact"))
     prompts = [task.prompt(x) for x in cd.load_split()[0][:200]]
-    assert FinetuneConfig(fidelity="paper").decoder == "generate" and FinetuneConfig().decoder == "esnb"
+    assert FinetuneConfig.of(fidelity="paper").decoder == "generate" and FinetuneConfig().decoder == "esnb"
     with decoder("generate"):
         ours = generate(model, tok, prompts, max_new_tokens=24, batch_size=256)
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
@@ -451,4 +452,4 @@ def test_paper_mode_decodes_with_generate_and_the_checkpoints_repetition_penalty
     assert sum(a != b for a, b in zip(plain, script)) > 0  # the penalty changes tokens: the switch matters
     assert FinetuneConfig.from_dict({"fidelity": "paper"}).decoder == "esnb"  # a run saved before the field
     with pytest.raises(ValueError, match="decoder"):
-        FinetuneConfig(decoder="beam")
+        FinetuneConfig.of(decoder="beam")

@@ -54,7 +54,7 @@ def _model(tok):
 def _cfg(**kw):
     base = dict(population_size=4, sigma=0.1, alpha=0.2, iterations=4, train_size=4, eval_every=0,
                 checkpoint_every=0, save_final=False)
-    return FinetuneConfig(**{**base, **kw})
+    return FinetuneConfig.of(**{**base, **kw})
 
 
 class Stop(Exception):

@@ -86,5 +86,5 @@ def test_mezo_config_refuses_what_it_fixes():
     with pytest.raises(ValueError, match="sigma"):
         mezo_config(0.1, 0.0)
     cfg = mezo_finetune_config(2e-5, 0.002, iterations=3, batch_size=4, train_size=8, seed=5)
-    assert (cfg.population_size, cfg.antithetic, cfg.shaping, cfg.seed) == (2, True, "raw", 5)
-    assert math.isclose(cfg.alpha, 0.01)
+    assert (cfg.es.population_size, cfg.es.antithetic, cfg.es.shaping, cfg.es.seed) == (2, True, "raw", 5)
+    assert math.isclose(cfg.es.alpha, 0.01) and cfg.iterations == 3
