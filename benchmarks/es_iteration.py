@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     # equal threads everywhere: esnb would otherwise pick one thread for small models (and on a
     # busy machine); here every item gets --threads
-    population._machine_busy = lambda: False
+    population.machine_busy = lambda: False
     inner_generate = ft.generate
     ft.generate = lambda *a, **k: inner_generate(*a, **{**k, "threads": threads})
 

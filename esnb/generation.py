@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextvars
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from .llama import LlamaDecoder, SharedWeights, supported
 
 __all__ = ["generate", "evaluate", "cpu_threads", "decoder", "DECODERS"]
 
@@ -65,7 +67,7 @@ def _hf_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
 SMALL_MODEL = 20_000_000  # parameters; below this, generation runs on one CPU thread
 
 
-def _machine_busy() -> bool:
+def machine_busy() -> bool:
     """True when other processes hold at least one of the cores (:func:`esnb._cpu.free_cores`)."""
     from ._cpu import free_cores
 
@@ -81,7 +83,7 @@ def _auto_threads(model: Any, threads: int | None) -> int | None:
         return int(threads)
     if next(model.parameters()).device.type != "cpu":
         return None
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL or _machine_busy():
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL or machine_busy():
         return 1
     return None
 
@@ -124,267 +126,6 @@ def split_stops(tokenizer: Any, stop_strings: Sequence[str]) -> tuple[set[int], 
     return token_stops, text_stops
 
 
-# ----------------------------------------------------------------------------------------
-# A lean decoder for Llama-family models (Llama 1-3, SmolLM2, Qwen2/2.5). Hugging Face's forward
-# costs a few milliseconds of Python per call whatever the model size; for the tiny model that
-# overhead *is* the cost of generation. This path reads the same weights (so in-place ES
-# perturbations are seen), keeps a preallocated KV cache, and does the same math as the Hugging
-# Face forward (checked in tests/test_generation.py on the tiny model and on small random Qwen2
-# and Llama-3 configs). A decode step works on 2-D (rows, features) tensors (a linear on a
-# 3-D (rows, 1, features) input costs about twice as much on a CPU at these sizes), small models
-# get fused q|k|v and gate|up matrices, rotary tables are built once per batch, the padding mask
-# is an additive bias built once, and the logits go into one reused buffer.
-# ----------------------------------------------------------------------------------------
-
-_LEAN_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-# rope types whose inverse frequencies are fixed (read from the model's rotary module); "dynamic"
-# and friends change them with the sequence length and stay on the Hugging Face path
-_LEAN_ROPE = ("default", "linear", "llama3")
-
-
-def _rope_type(cfg: Any) -> str:
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return "default"
-    return str(rope.get("rope_type", rope.get("type", "default")))
-
-
-def _fast_llama_ok(model: Any) -> bool:
-    """True when :class:`_LeanLlama` covers ``model``: a Llama or Qwen2 causal LM with SiLU MLPs,
-    full attention in every layer and a static rope (default, linear, llama3); biases allowed."""
-    cfg = getattr(model, "config", None)
-    if type(model).__name__ not in _LEAN_MODELS or cfg is None:
-        return False
-    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if getattr(rot, "inv_freq", None) is None:
-        return False
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    return (_rope_type(cfg) in _LEAN_ROPE and getattr(cfg, "hidden_act", "silu") == "silu"
-            and getattr(cfg, "pretraining_tp", 1) == 1 and all(t == "full_attention" for t in layer_types))
-
-
-def _plain_llama_ok(model: Any) -> bool:
-    """The narrower case of the low-rank population decoder: plain Llama, default rope, no biases."""
-    cfg = getattr(model, "config", None)
-    return (type(model).__name__ == "LlamaForCausalLM" and _fast_llama_ok(model)
-            and _rope_type(cfg) == "default" and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False))
-
-
-def _rms(x, w, eps):
-    dt = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return w * x.to(dt)
-
-
-def _rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _linear_t(mods: Sequence[Any], copy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(W^T, bias)`` of one linear, or of several applied to the same input side by side.
-    ``copy``: W^T as a contiguous (in, out) copy (a matrix product reads it about 10% faster at
-    decoding sizes); otherwise a transposed view of the live weight (no memory)."""
-    if len(mods) == 1 and not copy:
-        return mods[0].weight.t(), mods[0].bias
-    wt = torch.cat([m.weight for m in mods]).t().contiguous()
-    if all(m.bias is None for m in mods):
-        return wt, None
-    return wt, torch.cat([m.bias if m.bias is not None else wt.new_zeros(m.weight.shape[0]) for m in mods])
-
-
-class _LeanLlama:
-    """Greedy decoding for Llama-family models with a preallocated cache.
-
-    ``fuse``: concatenate the q/k/v and gate/up weights into one matrix each (one matrix product
-    instead of three and two) and keep every matrix transposed and contiguous. That is a copy of
-    the weights made per batch, so it is on by default only for small models (under
-    ``SMALL_MODEL`` parameters), where the per-product overhead dominates and the copy costs
-    nothing. Weights are stored as ``(W^T, bias)``.
-
-    Rows may be dropped between steps (:meth:`select`); ``rows`` then says which of the batch's
-    rows each remaining position holds (``None``: all, in order).
-    """
-
-    def __init__(self, model, fuse: bool | None = None):
-        cfg = model.config
-        self.m = model.model
-        self.eps = cfg.rms_norm_eps
-        self.nh = cfg.num_attention_heads
-        self.nkv = cfg.num_key_value_heads
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
-        self.rep = self.nh // self.nkv
-        self.scale = self.hd ** -0.5
-        self.nq, self.nk = self.nh * self.hd, self.nkv * self.hd
-        rot = self.m.rotary_emb
-        self.inv_freq = rot.inv_freq.float()
-        self.rope_scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
-        self.embed = self.m.embed_tokens.weight
-        self.dtype, self.device = self.embed.dtype, self.embed.device
-        if fuse is None:
-            fuse = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-        self.fuse = bool(fuse)
-        self.head_t, self.head_b = self._lt([model.lm_head])
-        # F.rms_norm is one kernel and equals the Hugging Face norm in float32; narrower dtypes
-        # keep the explicit formula (it rounds the normalised value before the weight multiply)
-        self.fused_norm = self.dtype == torch.float32 and hasattr(torch.nn.functional, "rms_norm")
-        self.layers = [self._layer(layer) for layer in self.m.layers]
-        self.final_norm = self.m.norm.weight
-        self.rows: torch.Tensor | None = None
-
-    def _layer(self, layer) -> dict:
-        att, mlp = layer.self_attn, layer.mlp
-        w = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-             "o": self._lt([att.o_proj]), "down": self._lt([mlp.down_proj])}
-        if self.fuse:
-            w["qkv"] = [self._lt([att.q_proj, att.k_proj, att.v_proj])]
-            w["gu"] = [self._lt([mlp.gate_proj, mlp.up_proj])]
-        else:
-            w["qkv"] = [self._lt([m]) for m in (att.q_proj, att.k_proj, att.v_proj)]
-            w["gu"] = [self._lt([m]) for m in (mlp.gate_proj, mlp.up_proj)]
-        return w
-
-    def _lt(self, mods):
-        """``(W^T, bias)`` of the linears ``mods`` side by side (see :func:`_linear_t`)."""
-        return _linear_t(mods, self.fuse)
-
-    # -- the pieces a population decoder overrides (x: 2-D, rows x features)
-    def lin(self, x, wb):
-        """``x W^T + b`` for 2-D ``x``; ``wb = (W^T, b)``."""
-        if wb[1] is None:
-            return torch.mm(x, wb[0])
-        return torch.addmm(wb[1], x, wb[0])
-
-    def lin_add(self, h, x, wb):
-        """``h + linear(x)`` in one matrix product (the residual rides in as the addend)."""
-        if wb[1] is not None:
-            return h + self.lin(x, wb)
-        return torch.addmm(h, x, wb[0])
-
-    def norm(self, x, w):
-        if self.fused_norm:
-            return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return _rms(x, w, self.eps)
-
-    def embed_tokens(self, tok):
-        return self.embed[tok]
-
-    def logits(self, h):
-        """Logits of the rows of ``h`` (rows x hidden), in a buffer reused from step to step."""
-        x = self.norm(h, self.final_norm)
-        out = self._logits_buf[:x.shape[0]]
-        if self.head_b is None:
-            return torch.mm(x, self.head_t, out=out)
-        return torch.addmm(self.head_b, x, self.head_t, out=out)
-
-    # -- shared math
-    def _proj(self, x, pieces, sizes):
-        """Outputs of a fused (or unfused) group of linears, split into ``sizes``."""
-        if len(pieces) == 1:
-            return self.lin(x, pieces[0]).split(sizes, dim=-1)
-        return [self.lin(x, wb) for wb in pieces]
-
-    def _rope(self, x, cos, sin):
-        # x * cos + rotate_half(x) * sin, with rotate_half's sign folded into the sin table
-        # (bit-identical: negation is exact)
-        return x * cos + x.roll(self.hd // 2, dims=-1) * sin
-
-    def _mlp_act(self, x, w):
-        inter = w["down"][0].shape[-2]
-        g, u = self._proj(x, w["gu"], [inter, inter])
-        return torch.nn.functional.silu(g) * u
-
-    def _mlp(self, x, w):
-        return self.lin(self._mlp_act(x, w), w["down"])
-
-    def _tables(self, total):
-        """cos and sign-folded sin tables for positions 0..total-1 (as the model's rotary module)."""
-        pos = torch.arange(total, device=self.device).float()
-        freqs = pos[:, None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype)
-        sin = (emb.sin() * self.rope_scale).to(self.dtype)
-        half = self.hd // 2
-        self.cos_tab, self.sin_tab = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-
-    def prefill(self, ids, attn, max_new):
-        """Prompts (b, t) -> logits of their last position (b, vocab)."""
-        b, t = ids.shape
-        total = t + max_new
-        dev = ids.device
-        self._tables(total)
-        self.k = [torch.empty(b, self.nkv, total, self.hd, dtype=self.dtype, device=dev) for _ in self.layers]
-        self.v = [torch.empty_like(x) for x in self.k]
-        # additive attention bias: -inf on left padding, 0 on real tokens and everything generated
-        self.bias = torch.zeros(b, total, dtype=self.dtype, device=dev)
-        self.bias[:, :t].masked_fill_(~attn.bool(), float("-inf"))
-        self.t = t
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = self.cos_tab[pos][:, :, None], self.sin_tab[pos][:, :, None]   # (b, t, 1, hd)
-        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
-        # padding rows attend to themselves only (their output is never used; this avoids NaN)
-        mask = ((causal[None] & attn.bool()[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)[None])[:, None]
-        h = self.embed_tokens(ids).reshape(b * t, -1)
-        for i, w in enumerate(self.layers):
-            x = self.norm(h, w["ln1"])
-            q, k, v = self._proj(x, w["qkv"], [self.nq, self.nk, self.nk])
-            q = self._rope(q.reshape(b, t, self.nh, self.hd), cos, sin).transpose(1, 2)
-            k = self._rope(k.reshape(b, t, self.nkv, self.hd), cos, sin).transpose(1, 2)
-            v = v.reshape(b, t, self.nkv, self.hd).transpose(1, 2)
-            self.k[i][:, :, :t] = k
-            self.v[i][:, :, :t] = v
-            if self.rep > 1:
-                k, v = k.repeat_interleave(self.rep, dim=1), v.repeat_interleave(self.rep, dim=1)
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            h = h + self.lin(o.transpose(1, 2).reshape(b * t, self.nq), w["o"])
-            h = h + self._mlp(self.norm(h, w["ln2"]), w)
-        self.pos = pos[:, -1].clone()
-        self.rows = None
-        self._logits_buf = torch.empty(b, self.head_t.shape[-1], dtype=self.dtype, device=dev)
-        return self.logits(h.view(b, t, -1)[:, -1])
-
-    def select(self, keep: torch.Tensor) -> None:
-        """Keep only the current positions ``keep`` (finished sequences stop costing compute)."""
-        self.k = [x[keep] for x in self.k]
-        self.v = [x[keep] for x in self.v]
-        self.bias, self.pos = self.bias[keep], self.pos[keep]
-        self.rows = keep if self.rows is None else self.rows[keep]
-
-    def step(self, tok):
-        """The next tokens (one per current position) -> logits (positions, vocab)."""
-        self.pos += 1
-        b, t = tok.shape[0], self.t
-        cos, sin = self.cos_tab[self.pos][:, None], self.sin_tab[self.pos][:, None]   # (b, 1, hd)
-        bias = self.bias[:, None, None, :t + 1]
-        h = self.embed_tokens(tok)
-        for i, w in enumerate(self.layers):
-            x = self.norm(h, w["ln1"])
-            if len(w["qkv"]) == 1:  # fused: rotate q and k in one go (they sit side by side)
-                qkv = self.lin(x, w["qkv"][0])
-                qk = self._rope(qkv[:, :self.nq + self.nk].reshape(b, self.nh + self.nkv, self.hd), cos, sin)
-                q = qk[:, :self.nh]
-                self.k[i][:, :, t] = qk[:, self.nh:]
-                self.v[i][:, :, t] = qkv[:, self.nq + self.nk:].reshape(b, self.nkv, self.hd)
-            else:
-                q, k, v = self._proj(x, w["qkv"], [self.nq, self.nk, self.nk])
-                q = self._rope(q.reshape(b, self.nh, self.hd), cos, sin)
-                self.k[i][:, :, t] = self._rope(k.reshape(b, self.nkv, self.hd), cos, sin)
-                self.v[i][:, :, t] = v.reshape(b, self.nkv, self.hd)
-            kk, vv = self.k[i][:, :, :t + 1], self.v[i][:, :, :t + 1]
-            # one query: plain matmuls beat the fused CPU kernel at this size; grouped-query
-            # attention without copying the cache: the `rep` query heads that share a key/value
-            # head become `rep` query rows of that head
-            a = torch.matmul(q.reshape(b, self.nkv, self.rep, self.hd), kk.transpose(-1, -2))
-            a = a.mul_(self.scale).add_(bias).softmax(dim=-1)
-            o = torch.matmul(a, vv).view(b, self.nq)
-            h = self.lin_add(h, o, w["o"])
-            h = self.lin_add(h, self._mlp_act(self.norm(h, w["ln2"]), w), w["down"])
-        self.t = t + 1
-        return self.logits(h)
-
-
 def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
     """Cut after the first stop string (the stop string itself is kept: ``</answer>`` is part of
     the format the reward checks)."""
@@ -407,8 +148,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device) -> tuple[torch.Ten
 
 
 class GreedyState:
-    """The bookkeeping of a batched greedy decode, shared by :func:`generate` and the low-rank
-    population decoder: the chosen tokens, which of them are text, which rows are finished."""
+    """The bookkeeping of a batched greedy decode, shared by :func:`generate` and the population
+    decoders: the chosen tokens, which of them are text, which rows are finished."""
 
     def __init__(self, tokenizer, eos: set, token_stops: set, rows: int, max_new_tokens: int, device):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0)
@@ -458,7 +199,46 @@ class GreedyState:
 
 # drop finished rows from the batch once a quarter of it is done: a batch otherwise runs at full
 # width until its longest completion ends
-_DROP_AT = 0.75
+DROP_AT = 0.75
+
+
+def drop_finished(dec: Any, state: GreedyState) -> torch.Tensor | None:
+    """The decoder positions to keep for the next step (its unfinished rows) once no more than
+    :data:`DROP_AT` of its current rows are unfinished; ``None``: keep them all."""
+    done = state.done if dec.rows is None else state.done[dec.rows]
+    if int((~done).sum()) > DROP_AT * done.numel():
+        return None
+    return (~done).nonzero().flatten()
+
+
+def decode_greedy(dec: Any, state: GreedyState, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int,
+                  tokenizer: Any = None, text_stops: Sequence[str] = (),
+                  keep: Callable[[Any, GreedyState], torch.Tensor | None] = drop_finished) -> None:
+    """Greedy-decode the prompts ``ids`` with ``dec`` (a :class:`esnb.llama.LlamaDecoder`, or anything
+    with its ``prefill``, ``step``, ``select`` and ``rows``) into ``state``, until every row is done
+    or ``max_new_tokens`` are chosen.
+
+    ``text_stops``: multi-token stop strings, checked on the text after every token (a row ends
+    there). ``keep``: which decoder positions go on to the next step (``None``: all)."""
+    max_stop = max((len(s) for s in text_stops), default=0)
+    logits = dec.prefill(ids, attn, max_new_tokens)
+    for t in range(max_new_tokens):
+        nxt = state.push(t, logits, dec.rows)
+        if text_stops:
+            state.check_text_stops(tokenizer, t, text_stops, max_stop)
+        if t == max_new_tokens - 1 or bool(state.done.all()):
+            break
+        rows = keep(dec, state)
+        if rows is not None:
+            dec.select(rows)
+            nxt = nxt[rows]
+        logits = dec.step(nxt)
+
+
+def lean_decoder(model: Any) -> LlamaDecoder:
+    """The decoder :func:`generate` runs for a model :func:`esnb.llama.supported` covers: the
+    model's own weights, with fused copies for small models (under :data:`SMALL_MODEL` parameters)."""
+    return LlamaDecoder(model, SharedWeights(model, fuse=sum(p.numel() for p in model.parameters()) < SMALL_MODEL))
 
 
 @torch.inference_mode()
@@ -466,47 +246,28 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, token_stops, text
                     fast=False, encoded=None):
     device = next(model.parameters()).device
     ids, mask = encoded if encoded is not None else encode_prompts(tokenizer, prompts, device)
-    batch = ids.shape[0]
-    state = GreedyState(tokenizer, eos, token_stops, batch, max_new_tokens, device)
-    max_stop = max((len(s) for s in text_stops), default=0)
-
-    if fast:
-        dec = _LeanLlama(model)
-        logits = dec.prefill(ids, mask, max_new_tokens)
-    else:
-        dec = _HFStepper(model, ids, mask)
-        logits = dec.logits
-    width = batch  # rows in the decoder's batch
-    for t in range(max_new_tokens):
-        nxt = state.push(t, logits, dec.rows)
-        if text_stops:
-            state.check_text_stops(tokenizer, t, text_stops, max_stop)
-        n_alive = batch - int(state.done.sum())
-        if n_alive == 0 or t == max_new_tokens - 1:
-            break
-        if n_alive <= _DROP_AT * width:
-            alive = ~(state.done if dec.rows is None else state.done[dec.rows])
-            keep = alive.nonzero().flatten()
-            dec.select(keep)
-            nxt, width = nxt[keep], n_alive
-        logits = dec.step(nxt)
+    state = GreedyState(tokenizer, eos, token_stops, ids.shape[0], max_new_tokens, device)
+    dec = lean_decoder(model) if fast else _HFStepper(model)
+    decode_greedy(dec, state, ids, mask, max_new_tokens, tokenizer, text_stops)
     return state.texts(tokenizer, text_stops)
 
 
 class _HFStepper:
-    """The Hugging Face forward with a KV cache, one token per step, in :class:`_LeanLlama`'s
-    interface (``rows``, ``select``, ``step``): the path for every model the lean decoder does
-    not cover. Finished rows leave the batch (and the cache) as they do on the lean path."""
+    """The Hugging Face forward with a KV cache, one token per step, in :class:`esnb.llama.LlamaDecoder`'s
+    interface (``prefill``, ``rows``, ``select``, ``step``): the path for every model the lean
+    decoder does not cover. Finished rows leave the batch (and the cache) as they do on the lean path."""
 
-    def __init__(self, model, ids, mask):
+    def __init__(self, model):
         self.model = model
+        self.rows: torch.Tensor | None = None
+
+    def prefill(self, ids, mask, max_new):
         self.mask = mask
         # positions count real tokens only, so left padding does not shift the prompt
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        self.past, self.logits = res.past_key_values, res.logits[:, -1, :]
-        self.pos = pos[:, -1:]
-        self.rows: torch.Tensor | None = None
+        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        self.past, self.pos = res.past_key_values, pos[:, -1:]
+        return res.logits[:, -1, :]
 
     def select(self, keep: torch.Tensor) -> None:
         self.past.batch_select_indices(keep)
@@ -572,7 +333,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 
     ``fast``: use the lean decoder (same math as the Hugging Face forward, several times faster
     for small models on CPU). ``None`` (default) picks it for the models it covers (Llama 1-3
-    incl. SmolLM2, Qwen2/2.5: see ``_fast_llama_ok``); ``False`` forces the Hugging Face forward.
+    incl. SmolLM2, Qwen2/2.5: see :func:`esnb.llama.supported`); ``False`` forces the Hugging Face forward.
     Both paths drop finished rows from the batch as they go.
 
     ``threads``: CPU threads for the duration of the call. ``None`` (default) uses one thread
@@ -602,7 +363,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
             return _hf_generate(model, tokenizer, prompts, max_new_tokens, tuple(stop_strings), batch_size)
         eos = eos_ids(model, tokenizer)
         token_stops, text_stops = split_stops(tokenizer, stop_strings)
-        use_fast = _fast_llama_ok(model) if fast is None else bool(fast and _fast_llama_ok(model))
+        use_fast = supported(model) if fast is None else bool(fast and supported(model))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[str] = [""] * len(prompts)
         workers = _batch_workers(model, asked_threads, len(prompts), batch_size)

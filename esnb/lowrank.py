@@ -17,13 +17,15 @@ This module holds
 * :class:`LowRankES` -- the ask/tell optimizer of :class:`esnb.es.ES` with low-rank noise
   (``perturbed(member)`` materializes ``W + sigma eps`` in place, so any code can evaluate a
   member the ordinary way; ``tell`` applies the low-rank update);
+* :class:`LowRankWeights` -- the members as base weights plus factors, for the one Llama-family
+  forward :class:`esnb.llama.LlamaDecoder`;
 * :func:`generate_population` -- greedy generation for many members in one batched forward
-  (plain Llama models, e.g. the tiny LM and SmolLM2);
+  (plain Llama models, e.g. the tiny LM and SmolLM2; Qwen2 and rope scaling on request);
 * :func:`score_population` -- mean reward and accuracy per member, the drop-in for
   :func:`esnb.finetune.score_members`.
 
-What is left out: the vectorized path handles ``LlamaForCausalLM`` with default RoPE and no
-biases (others fall back to one member at a time), stop strings longer than one token are only
+What is left out: by default the vectorized path handles ``LlamaForCausalLM`` with default RoPE and
+no biases (others go one member at a time unless ``factored=True``), stop strings longer than one token are only
 applied after generation (the batch runs to the token cap), and there is no distributed variant
 (``esnb.distributed`` works with full-rank noise).
 """
@@ -38,11 +40,12 @@ import torch
 from torch import nn
 
 from .es import ES, Adam, ESConfig, Member
-from .generation import (encode_prompts, eos_ids, GreedyState, _plain_llama_ok, split_stops, cpu_threads,
-                         generate)
-from .noise import _generator, noise_like, stream_seed
+from .generation import GreedyState, cpu_threads, decode_greedy, encode_prompts, eos_ids, generate, split_stops
+from .llama import LlamaDecoder, SharedWeights, rms_normalize, rope_type, supported
+from .noise import noise_like, stream_seed, thread_generator
 
-__all__ = ["LowRankES", "lowrank_factors", "lowrank_noise", "generate_population", "score_population", "replay"]
+__all__ = ["LowRankES", "LowRankWeights", "lowrank_factors", "lowrank_noise", "generate_population",
+           "score_population", "replay"]
 
 
 def lowrank_factors(shape: Sequence[int], seed: int, index: int, rank: int, device: Any = "cpu",
@@ -50,7 +53,7 @@ def lowrank_factors(shape: Sequence[int], seed: int, index: int, rank: int, devi
     """``(A, B)`` of a matrix of ``shape = (out, in)``, a pure function of (seed, tensor index, rank):
     A is out x r, B is in x r, both standard Gaussian."""
     out_f, in_f = int(shape[0]), int(shape[1])
-    gen = _generator(torch.device(device))
+    gen = thread_generator(torch.device(device))
     gen.manual_seed(stream_seed(seed, index) ^ 0x10_4A_4E)  # apart from the full-rank stream
     a = torch.randn(out_f, rank, generator=gen, device=device, dtype=dtype)
     b = torch.randn(in_f, rank, generator=gen, device=device, dtype=dtype)
@@ -175,170 +178,139 @@ def replay(run: tuple[dict, list[dict]], params: nn.Module | torch.Tensor | Iter
 # ---------------------------------------------------------------- population-batched decoding
 
 
-class _PopLlama:
-    """Greedy decoding of M low-rank members of a ``LlamaForCausalLM`` at once.
+class LowRankWeights(SharedWeights):
+    """The model's weights shared by M low-rank members: a :class:`esnb.llama.LlamaDecoder` provider.
 
-    Rows are (member, prompt) pairs, member-major (row = m * B + b); finished rows leave the batch.
-    Matrices: ``x W^T`` over all active rows (one shared product), plus
+    Rows are member-major (row = m * B + b) and finished rows leave the batch. Matrices: ``x W^T``
+    over all active rows (one shared product with the live weight), plus
     ``(sigma/sqrt r) (x B_m) A_m^T`` per member (batched over members, with finished rows as
-    zeros: it is cheap); vectors: ``w + sigma eps_m`` per row's member.
+    zeros: it is cheap); vectors (norm weights, biases): ``w + sigma eps_m`` per row's member.
     """
 
-    def __init__(self, model, es: LowRankES, members: Sequence[Member]):
+    def __init__(self, model: Any, es: LowRankES, members: Sequence[Member]):
         cfg = model.config
-        self.model = model
-        self.eps = cfg.rms_norm_eps
-        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
-        rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        p0 = next(model.parameters())
-        self.dtype, dev = p0.dtype, p0.device
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float, device=dev) / self.hd))
-        self.M = len(members)
-        r = es.rank
-        index = {id(p): i for i, p in enumerate(es.params.params)}
-        sig = torch.tensor([m.sign * es.config.sigma for m in members], dtype=torch.float32, device=dev)
-        self.lr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(weight) -> (A^T*s (M,r,out), B (M,in,r))
-        self.vec: dict[int, torch.Tensor] = {}                       # id(weight) -> (M, n) perturbed vectors
-        for p in model.parameters():
-            i = index[id(p)]
-            master = es.params.master[i]
-            if p.dim() == 2:
-                fa, fb = zip(*(lowrank_factors(p.shape, m.seed, i, r, dev, torch.float32) for m in members))
-                a = torch.stack(fa) * (sig / math.sqrt(r))[:, None, None]       # (M, out, r)
-                self.lr[id(p)] = (a.transpose(1, 2).to(self.dtype).contiguous(), torch.stack(fb).to(self.dtype))
-            else:
-                eps = torch.stack([noise_like(master, m.seed, i) for m in members])
-                self.vec[id(p)] = (master.to(dev)[None] + sig.view(-1, *[1] * master.dim()) * eps).to(self.dtype)
-        self.embed = model.model.embed_tokens.weight
-        self.head = model.lm_head.weight
+        self.members, self._rank = len(members), es.rank
+        self._es, self._member_list = es, list(members)
+        self._index = {id(p): i for i, p in enumerate(es.params.params)}
+        dev = next(model.parameters()).device
+        self._sig = torch.tensor([m.sign * es.config.sigma for m in members], dtype=torch.float32, device=dev)
+        self._cache: dict[int, Any] = {}
+        super().__init__(model, fuse=False)
+        if rope_type(cfg) == "default":
+            # float32 frequencies from rope_theta, as this decoder has always computed them: the same
+            # as the rotary module's in float32; a bf16 model holds them rounded to bf16 (what
+            # Hugging Face uses), and switching would change bf16 low-rank completions
+            rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
+            theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+            hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            self.inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=dev) / hd))
+
+    def param(self, p: torch.Tensor) -> Any:
+        """A matrix: ``(p, A^T * sigma/sqrt r (M, r, out), B (M, in, r))``; a vector: the members'
+        perturbed copies ``(M, n)``. Built once per parameter (tied weights share them)."""
+        if id(p) in self._cache:
+            return self._cache[id(p)]
+        i, r, dev = self._index[id(p)], self._rank, self._sig.device
+        master = self._es.params.master[i]
+        if p.dim() == 2:
+            fa, fb = zip(*(lowrank_factors(p.shape, m.seed, i, r, dev, torch.float32) for m in self._member_list))
+            a = torch.stack(fa) * (self._sig / math.sqrt(r))[:, None, None]       # (M, out, r)
+            out = (p, a.transpose(1, 2).to(self.dtype).contiguous(), torch.stack(fb).to(self.dtype))
+        else:
+            eps = torch.stack([noise_like(master, m.seed, i) for m in self._member_list])
+            out = (master.to(dev)[None] + self._sig.view(-1, *[1] * master.dim()) * eps).to(self.dtype)
+        self._cache[id(p)] = out
+        return out
+
+    def linear(self, mods: Sequence[Any]) -> tuple:
+        """``(W^T, perturbed biases or None, A^T * sigma/sqrt r, B)`` of one linear."""
+        (mod,) = mods
+        _, at, b = self.param(mod.weight)
+        return mod.weight.t(), None if mod.bias is None else self.param(mod.bias), at, b
+
+    def start(self, batch: int) -> None:
+        self.batch = batch
+        self.rows = torch.arange(self.members * batch, device=self.device)  # positions among all M * B rows
+        self.mid = self.rows // batch
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.rows, self.mid = self.rows[keep], self.mid[keep]
 
     def _full(self, x):
         """Active rows (R, ...) -> all M*B rows, zeros for finished ones."""
-        if x.shape[0] == self.M * self.B:
+        if x.shape[0] == self.members * self.batch:
             return x
-        full = x.new_zeros((self.M * self.B, *x.shape[1:]))
+        full = x.new_zeros((self.members * self.batch, *x.shape[1:]))
         full[self.rows] = x
         return full
 
     def _active(self, x):
         return x if x.shape[0] == self.rows.numel() else x[self.rows]
 
-    def lin(self, x, w):
-        """x: (R, T, in) -> (R, T, out), row with member m computing with W + sigma eps_m."""
-        T = x.shape[1]
-        y = torch.nn.functional.linear(x, w)
-        at, b = self.lr[id(w)]
-        full = self._full(x).reshape(self.M, self.B * T, -1)
-        low = torch.bmm(torch.bmm(full, b), at).view(self.M * self.B, T, -1)
-        return y + self._active(low)
+    def _low(self, x3, b, at):
+        """``(x B_m) A_m^T`` of the active rows ``x3`` (R, T, in) -> (R, T, out)."""
+        T = x3.shape[1]
+        full = self._full(x3).reshape(self.members, self.batch * T, -1)
+        return self._active(torch.bmm(torch.bmm(full, b), at).view(self.members * self.batch, T, -1))
+
+    def lin(self, x, wb):
+        wt, bias, at, b = wb
+        x3 = x.reshape(self.rows.numel(), -1, x.shape[-1])   # (R, T, in): T positions per row
+        y = torch.mm(x, wt).view(*x3.shape[:2], -1) + self._low(x3, b, at)
+        if bias is not None:
+            y = y + bias[self.mid][:, None]
+        return y.view(x.shape[0], -1)
+
+    def lin_add(self, h, x, wb):
+        return h + self.lin(x, wb)
 
     def norm(self, x, w):
-        dt = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.vec[id(w)][self.mid][:, None, :] * xf.to(dt)
+        xn = rms_normalize(x, self.eps).view(self.rows.numel(), -1, x.shape[-1])   # (R, T, hidden)
+        return (w[self.mid][:, None, :] * xn).view(x.shape)
 
-    def embed_tokens(self, tok):
-        """tok: (R, T) token ids of the active rows -> (R, T, H)."""
-        at, b = self.lr[id(self.embed)]            # at: (M, r, vocab), b: (M, H, r)
+    def embed(self, tok):
+        w, at, b = self.table                    # at: (M, r, vocab), b: (M, H, r)
+        tok = tok.reshape(self.rows.numel(), -1)  # (R, T)
         T = tok.shape[1]
-        rows_a = at[self.mid[:, None], :, tok]     # (R, T, r): row tok of A_m (scaled)
-        full = self._full(rows_a).reshape(self.M, self.B * T, -1)
-        low = torch.bmm(full, b.transpose(1, 2)).view(self.M * self.B, T, -1)
-        return self.embed[tok] + self._active(low)
+        rows_a = at[self.mid[:, None], :, tok]   # (R, T, r): row tok of A_m (scaled)
+        full = self._full(rows_a).reshape(self.members, self.batch * T, -1)
+        low = torch.bmm(full, b.transpose(1, 2)).view(self.members * self.batch, T, -1)
+        return w[tok] + self._active(low)
 
-    def logits(self, h):
-        return self.lin(self.norm(h, self.model.model.norm.weight), self.head)
+    def logits(self, x):
+        return self.lin(x, self.head)
 
-    def _cos_sin(self, pos):
-        freqs = pos[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]
 
-    def layers(self, h, cos, sin, start, mask):
-        from .generation import _rotate
+def lowrank_covers(model: Any) -> bool:
+    """True when :func:`generate_population` decodes ``model``'s members together by default:
+    plain Llama (default rope, no biases), the models it has always served so; others go one
+    member at a time unless ``factored=True``."""
+    cfg = getattr(model, "config", None)
+    return (type(model).__name__ == "LlamaForCausalLM" and supported(model)
+            and rope_type(cfg) == "default" and not getattr(cfg, "attention_bias", False)
+            and not getattr(cfg, "mlp_bias", False))
 
-        R, T, _ = h.shape
-        rep = self.nh // self.nkv
-        for i, layer in enumerate(self.model.model.layers):
-            att = layer.self_attn
-            x = self.norm(h, layer.input_layernorm.weight)
-            q = self.lin(x, att.q_proj.weight).view(R, T, self.nh, self.hd).transpose(1, 2)
-            k = self.lin(x, att.k_proj.weight).view(R, T, self.nkv, self.hd).transpose(1, 2)
-            v = self.lin(x, att.v_proj.weight).view(R, T, self.nkv, self.hd).transpose(1, 2)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            self.k[i][:, :, start:start + T] = k
-            self.v[i][:, :, start:start + T] = v
-            kk, vv = self.k[i][:, :, :start + T], self.v[i][:, :, :start + T]
-            if T == 1:  # one query: plain matmuls beat the fused CPU kernel (as esnb.generation)
-                w = torch.matmul(q.reshape(R, self.nkv, rep, self.hd), kk.transpose(-1, -2)) * self.hd ** -0.5
-                w = w.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-                o = torch.matmul(w, vv).reshape(R, self.nh, 1, self.hd)
-            else:
-                if rep > 1:
-                    kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)
-                o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            o = o.transpose(1, 2).reshape(R, T, self.nh * self.hd)
-            h = h + self.lin(o, att.o_proj.weight)
-            x = self.norm(h, layer.post_attention_layernorm.weight)
-            g = self.lin(x, layer.mlp.gate_proj.weight)
-            u = self.lin(x, layer.mlp.up_proj.weight)
-            h = h + self.lin(torch.nn.functional.silu(g) * u, layer.mlp.down_proj.weight)
-        return h
 
-    def prefill(self, ids, attn, max_new):
-        """ids, attn: (B, T) prompts shared by all members -> logits (M*B, vocab)."""
-        B, T = ids.shape
-        M, dev = self.M, ids.device
-        self.B = B
-        self.rows = torch.arange(M * B, device=dev)
-        self.mid = self.rows // B
-        total = T + max_new
-        self.k = [torch.empty(M * B, self.nkv, total, self.hd, dtype=self.dtype, device=dev)
-                  for _ in self.model.model.layers]
-        self.v = [torch.empty_like(x) for x in self.k]
-        self.valid = torch.zeros(M * B, total, dtype=torch.bool, device=dev)
-        self.valid[:, :T] = attn.bool().repeat(M, 1)
-        self.t = T
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0).repeat(M, 1)
-        cos, sin = self._cos_sin(pos)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        mask = (causal[None] & self.valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
-        h = self.layers(self.embed_tokens(ids.repeat(M, 1)), cos, sin, 0, mask[:, None])
-        self.pos = pos[:, -1:]
-        return self.logits(h[:, -1:])[:, 0]
-
-    def select(self, keep):
-        """Keep the active rows at positions ``keep`` (finished rows stop costing compute)."""
-        self.rows, self.mid = self.rows[keep], self.mid[keep]
-        self.k = [x[keep] for x in self.k]
-        self.v = [x[keep] for x in self.v]
-        self.valid, self.pos = self.valid[keep], self.pos[keep]
-
-    def step(self, tok):
-        """tok: (R,) next tokens of the active rows -> logits (R, vocab)."""
-        self.pos = self.pos + 1
-        cos, sin = self._cos_sin(self.pos)
-        self.valid[:, self.t] = True
-        mask = self.valid[:, None, None, :self.t + 1]
-        h = self.layers(self.embed_tokens(tok[:, None]), cos, sin, self.t, mask)
-        self.t += 1
-        return self.logits(h)[:, 0]
+def lowrank_decoder(model: Any, es: LowRankES, members: Sequence[Member]) -> LlamaDecoder:
+    """A :class:`esnb.llama.LlamaDecoder` of ``members``, each as base weights plus its low-rank factors."""
+    return LlamaDecoder(model, LowRankWeights(model, es, members))
 
 
 @torch.inference_mode()
 def generate_population(es: LowRankES, members: Sequence[Member], model: Any, tokenizer: Any,
                         prompts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = (),
-                        threads: int | None = None) -> list[list[str]]:
+                        threads: int | None = None, factored: bool | None = None) -> list[list[str]]:
     """Greedy completions of ``prompts`` for each member (a list per member), all members in one
-    batched forward per token. Falls back to one member at a time for models the vectorized path
-    does not cover. The model's weights must be the unperturbed ones (``es``'s master)."""
+    batched forward per token. The model's weights must be the unperturbed ones (``es``'s master).
+
+    ``factored``: decode the members as base weights plus factors. ``None`` (default) does so for
+    plain Llama models (:func:`lowrank_covers`) and decodes one member at a time (materialized
+    weights, :func:`esnb.generation.generate`) otherwise; ``True`` for any model
+    :func:`esnb.llama.supported` covers (Qwen2 and rope scaling included); ``False`` never."""
     prompts = list(prompts)
     if not members or not prompts:
         return [[] for _ in members]
-    if not _plain_llama_ok(model):
+    if not (lowrank_covers(model) if factored is None else factored and supported(model)):
         out = []
         for m in members:
             with es.perturbed(m):
@@ -347,23 +319,12 @@ def generate_population(es: LowRankES, members: Sequence[Member], model: Any, to
         return out
     with cpu_threads(model, threads):
         device = next(model.parameters()).device
-        eos = eos_ids(model, tokenizer)
         token_stops, text_stops = split_stops(tokenizer, stop_strings)
         ids, attn = encode_prompts(tokenizer, prompts, device)
         M, B = len(members), ids.shape[0]
-        rows = M * B
-        state = GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, device)
-        dec = _PopLlama(model, es, members)
-        logits = dec.prefill(ids, attn, max_new_tokens)
-        for t in range(max_new_tokens):
-            nxt = state.push(t, logits)
-            if bool(state.done.all()) or t == max_new_tokens - 1:
-                break
-            alive = (~state.done).nonzero().flatten()
-            if alive.numel() <= 0.75 * dec.rows.numel():  # drop finished rows
-                dec.select(torch.searchsorted(dec.rows, alive))
-            logits = torch.zeros((rows, logits.shape[-1]), dtype=logits.dtype, device=device)
-            logits[dec.rows] = dec.step(nxt[dec.rows])
+        state = GreedyState(tokenizer, eos_ids(model, tokenizer), token_stops, M * B, max_new_tokens, device)
+        # multi-token stop strings cut the texts afterwards only: rows run on to EOS or the cap
+        decode_greedy(lowrank_decoder(model, es, members), state, ids, attn, max_new_tokens)
         texts = state.texts(tokenizer, text_stops)
     return [texts[m * B:(m + 1) * B] for m in range(M)]
 

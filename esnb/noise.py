@@ -162,7 +162,8 @@ def shared_table(device: str | torch.device = "cpu") -> NoiseTable:
 _LOCAL = threading.local()
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def thread_generator(device: torch.device) -> torch.Generator:
+    """This thread's reusable ``torch.Generator`` for ``device``; seed it before every draw."""
     # One generator per device and thread, re-seeded per tensor: creating a Generator costs more
     # than seeding one, and this is called N x (number of tensors) times per iteration; one per
     # thread so that tensors can be drawn in parallel (each draw is seeded, so the numbers are the
@@ -204,7 +205,7 @@ def noise_like(tensor: torch.Tensor, seed: int, index: int, dtype: torch.dtype |
     dtype = dtype or _master_dtype(tensor.dtype)
     if source == "table":
         return shared_table(tensor.device).noise_like(tensor, seed, index, dtype)
-    gen = _generator(tensor.device)
+    gen = thread_generator(tensor.device)
     gen.manual_seed(noise_seed(seed, index, source))
     return torch.randn(tensor.shape, generator=gen, device=tensor.device, dtype=dtype)
 
@@ -214,7 +215,7 @@ def noise_into(out: torch.Tensor, seed: int, index: int, source: str = "independ
     dtype and device), so that a population can be drawn into one preallocated buffer."""
     if source == "table":
         return shared_table(out.device).noise_into(out, seed, index)
-    gen = _generator(out.device)
+    gen = thread_generator(out.device)
     gen.manual_seed(noise_seed(seed, index, source))
     return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype, out=out)
 

@@ -25,10 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .generation import (SMALL_MODEL, _DROP_AT, current_decoder, encode_prompts, eos_ids, _fast_llama_ok, GreedyState,
-                         _LeanLlama, _machine_busy, split_stops)
+from .generation import (DROP_AT, SMALL_MODEL, GreedyState, current_decoder, decode_greedy, encode_prompts, eos_ids,
+                         machine_busy, split_stops)
+from .llama import LlamaDecoder, SharedWeights, rms_normalize, supported
 
-__all__ = ["use_population", "generate_members", "score_population", "MEMORY_BUDGET"]
+__all__ = ["use_population", "generate_members", "score_population", "StackedWeights", "MEMORY_BUDGET"]
 
 MEMORY_BUDGET = 1 << 30  # bytes of stacked weights + KV cache per chunk of members
 
@@ -47,7 +48,7 @@ def use_population(choice: bool | str, model: Any, es: Any) -> bool:
     # round trips leave is part of the paper's algorithm (and of the seed-log replay); a batched
     # population never touches the model, so it would silently run a different algorithm.
     # Hugging Face ``generate`` (decoder "generate") decodes one member at a time by definition.
-    possible = (type(es) is ES and _fast_llama_ok(model) and es.config.precision != "paper"
+    possible = (type(es) is ES and supported(model) and es.config.precision != "paper"
                 and current_decoder() == "esnb")
     if choice is True:
         if not possible:
@@ -57,22 +58,21 @@ def use_population(choice: bool | str, model: Any, es: Any) -> bool:
     return possible and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
 
 
-class _PopLean(_LeanLlama):
-    """:class:`esnb.generation._LeanLlama` over M members' stacked weights.
+class StackedWeights(SharedWeights):
+    """M members' full-rank weights as a :class:`esnb.llama.LlamaDecoder` provider: each weight
+    stacked ``(M, ...)``, built from the members' seeds (the model is never perturbed).
 
-    Positions are member-major, ``S`` slots per member (row ``m * S + s``); a decoding step is
-    one batched product per weight matrix. Finished rows are dropped by shrinking every member
-    to the same number of slots (members with fewer live rows keep finished ones as fillers).
+    Rows are member-major with the same number of rows per member, so every linear is one batched
+    product over members (``torch.bmm``); finished rows leave by shrinking every member to the same
+    number of rows (:func:`keep_member_slots`).
     """
 
-    def __init__(self, model, es, members):
-        self.M = len(members)
+    def __init__(self, model: Any, es: Any, members: Sequence[Any]):
+        self.members = len(members)
         self._index = {id(p): i for i, p in enumerate(es.params.params)}
-        self._es, self._members = es, members
+        self._es, self._member_list = es, list(members)
         self._cache: dict[int, torch.Tensor] = {}
         super().__init__(model, fuse=True)
-        self.embed = self._stack(model.model.embed_tokens.weight)
-        self.final_norm = self._stack(model.model.norm.weight)
         self.fused_norm = False  # the norm's weight differs per member: normalise, then scale
 
     @torch.no_grad()
@@ -81,7 +81,7 @@ class _PopLean(_LeanLlama):
         ``dest[m]``: exactly the numbers ``es.perturbed(member)`` writes into ``p``."""
         ps, i = self._es.params, self._index[id(p)]
         sigma = self._es.config.sigma
-        for m, member in enumerate(self._members):
+        for m, member in enumerate(self._member_list):
             s = member.sign * sigma
             if ps.precision == "paper":   # perturbed in the model's dtype, as ParameterSet.perturb
                 w = p.detach().clone().add_(ps.noise(member.seed, i).mul_(s))
@@ -90,36 +90,36 @@ class _PopLean(_LeanLlama):
             dest[m].copy_(w.t() if transpose else w)
         return dest
 
-    def _stack(self, p: torch.Tensor) -> torch.Tensor:
+    def param(self, p: torch.Tensor) -> torch.Tensor:
         """(M, *shape): every member's perturbed copy of parameter ``p`` (built once)."""
         key = id(p)
         if key not in self._cache:
-            self._cache[key] = self._fill(torch.empty((self.M, *p.shape), dtype=p.dtype, device=p.device), p)
+            self._cache[key] = self._fill(torch.empty((self.members, *p.shape), dtype=p.dtype, device=p.device), p)
         return self._cache[key]
 
-    def _lt(self, mods):
+    def linear(self, mods: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked ``(W^T, bias)``: (M, in, out) and (M, out), the linears ``mods`` side by side,
         each member's weights written straight into place."""
         w0 = mods[0].weight
         sizes = [m.weight.shape[0] for m in mods]
-        wt = torch.empty((self.M, w0.shape[1], sum(sizes)), dtype=w0.dtype, device=w0.device)
+        wt = torch.empty((self.members, w0.shape[1], sum(sizes)), dtype=w0.dtype, device=w0.device)
         for m, part in zip(mods, wt.split(sizes, dim=2)):
             self._fill(part, m.weight, transpose=True)
         if all(m.bias is None for m in mods):
             return wt, None
-        return wt, torch.cat([self._stack(m.bias) if m.bias is not None else wt.new_zeros(self.M, m.weight.shape[0])
-                              for m in mods], dim=1)
+        return wt, torch.cat([self.param(m.bias) if m.bias is not None
+                              else wt.new_zeros(self.members, m.weight.shape[0]) for m in mods], dim=1)
 
-    def _layer(self, layer) -> dict:
-        att, mlp = layer.self_attn, layer.mlp
-        return {"ln1": self._stack(layer.input_layernorm.weight), "ln2": self._stack(layer.post_attention_layernorm.weight),
-                "o": self._lt([att.o_proj]), "down": self._lt([mlp.down_proj]),
-                "qkv": [self._lt([att.q_proj, att.k_proj, att.v_proj])],
-                "gu": [self._lt([mlp.gate_proj, mlp.up_proj])]}
+    def start(self, batch: int) -> None:
+        super().start(batch)
+        self.mid = torch.arange(self.members, device=self.device).repeat_interleave(batch)  # each row's member
 
-    # -- per-member pieces: x is (M * rows per member, features), member-major
+    def select(self, keep: torch.Tensor) -> None:
+        self.mid = self.mid[keep]
+
+    # x: (M * rows per member, features), member-major
     def lin(self, x, wb):
-        x3 = x.reshape(self.M, -1, x.shape[-1])
+        x3 = x.reshape(self.members, -1, x.shape[-1])
         if wb[1] is None:
             return torch.bmm(x3, wb[0]).view(x.shape[0], -1)
         return torch.baddbmm(wb[1][:, None], x3, wb[0]).view(x.shape[0], -1)
@@ -127,66 +127,48 @@ class _PopLean(_LeanLlama):
     def lin_add(self, h, x, wb):
         if wb[1] is not None:
             return h + self.lin(x, wb)
-        return torch.baddbmm(h.reshape(self.M, -1, h.shape[-1]), x.reshape(self.M, -1, x.shape[-1]),
+        return torch.baddbmm(h.reshape(self.members, -1, h.shape[-1]), x.reshape(self.members, -1, x.shape[-1]),
                              wb[0]).view(h.shape)
 
     def norm(self, x, w):
-        dt = x.dtype
-        xf = x.float()
-        xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dt)
-        return (w[:, None] * xf.reshape(self.M, -1, x.shape[-1])).view(x.shape)
+        return (w[:, None] * rms_normalize(x, self.eps).reshape(self.members, -1, x.shape[-1])).view(x.shape)
 
-    def embed_tokens(self, tok):
-        mid = self.mid if tok.dim() == 1 else self.mid[:, None]
-        return self.embed[mid, tok]
+    def embed(self, tok):
+        return self.table[self.mid if tok.dim() == 1 else self.mid[:, None], tok]
 
-    def logits(self, h):
-        x = self.norm(h, self.final_norm)
-        out = self._logits_buf[:x.shape[0]]
-        wt, b = self.head_t, self.head_b
-        x3 = x.reshape(self.M, -1, x.shape[-1])
-        o3 = out.view(self.M, -1, out.shape[-1])
+    def logits(self, x):
+        out = self._buf[:x.shape[0]]
+        wt, b = self.head
+        x3 = x.reshape(self.members, -1, x.shape[-1])
+        o3 = out.view(self.members, -1, out.shape[-1])
         if b is None:
             torch.bmm(x3, wt, out=o3)
         else:
             torch.baddbmm(b[:, None], x3, wt, out=o3)
         return out
 
-    def prefill(self, ids, attn, max_new):
-        B = ids.shape[0]
-        self.mid = torch.arange(self.M, device=ids.device).repeat_interleave(B)
-        return super().prefill(ids.repeat(self.M, 1), attn.repeat(self.M, 1), max_new)
 
-    def select(self, keep):
-        super().select(keep)
-        self.mid = self.mid[keep]
+def keep_member_slots(dec: LlamaDecoder, state: GreedyState) -> torch.Tensor | None:
+    """:func:`esnb.generation.drop_finished` for member-major rows that must stay equal in number
+    per member: once no member has more than :data:`esnb.generation.DROP_AT` of its rows
+    unfinished, every member keeps as many rows as the busiest one needs, its unfinished rows
+    first, then finished ones as fillers."""
+    members = dec.w.members
+    done = state.done if dec.rows is None else state.done[dec.rows]
+    slots = done.numel() // members
+    live = ~done.view(members, slots)
+    need = int(live.sum(1).max())
+    if need > DROP_AT * slots:
+        return None
+    order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices[:, :need]
+    return (order + torch.arange(members, device=order.device)[:, None] * slots).flatten()
 
 
 @torch.no_grad()  # not inference_mode: the ES noise buffer made here is reused outside it
 def _decode_chunk(model, es, members, tokenizer, ids, attn, max_new_tokens, eos, token_stops, text_stops):
-    M, B = len(members), ids.shape[0]
-    rows = M * B
-    state = GreedyState(tokenizer, eos, token_stops, rows, max_new_tokens, ids.device)
-    max_stop = max((len(s) for s in text_stops), default=0)
-    dec = _PopLean(model, es, members)
-    logits = dec.prefill(ids, attn, max_new_tokens)
-    slots = B
-    member_base = torch.arange(M, device=ids.device)[:, None]
-    for t in range(max_new_tokens):
-        nxt = state.push(t, logits, dec.rows)
-        if text_stops:
-            state.check_text_stops(tokenizer, t, text_stops, max_stop)
-        if t == max_new_tokens - 1 or bool(state.done.all()):
-            break
-        live = ~(state.done if dec.rows is None else state.done[dec.rows]).view(M, slots)
-        need = int(live.sum(1).max())
-        if need <= _DROP_AT * slots:
-            # every member keeps `need` slots: its live rows first, then finished ones as fillers
-            order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices[:, :need]
-            keep = (order + member_base * slots).flatten()
-            dec.select(keep)
-            nxt, slots = nxt[keep], need
-        logits = dec.step(nxt)
+    state = GreedyState(tokenizer, eos, token_stops, len(members) * ids.shape[0], max_new_tokens, ids.device)
+    dec = LlamaDecoder(model, StackedWeights(model, es, members))
+    decode_greedy(dec, state, ids, attn, max_new_tokens, tokenizer, text_stops, keep=keep_member_slots)
     return state.texts(tokenizer, text_stops)
 
 
@@ -219,7 +201,7 @@ def generate_members(es: Any, members: Sequence[Any], model: Any, tokenizer: Any
     if es.params.perturbed_by is not None:
         raise RuntimeError("the model is perturbed; generate_members needs the unperturbed weights")
     old = torch.get_num_threads()
-    n = threads or (1 if _machine_busy() else None)
+    n = threads or (1 if machine_busy() else None)
     if n:
         torch.set_num_threads(int(n))
     was_training = model.training

@@ -1,7 +1,6 @@
-"""Greedy generation and evaluation on the shipped tiny model, and the lean decoder against the
-Hugging Face forward on small randomly initialised Qwen2 and Llama-3 models (built locally)."""
+"""Greedy generation and evaluation on the shipped tiny model (the lean decoder on Qwen2 and
+Llama-3 models: tests/test_llama.py)."""
 import pytest
-import torch
 
 import esnb.generation as gen
 from esnb.generation import evaluate, generate
@@ -98,52 +97,6 @@ def test_evaluate_on_countdown(tiny):
     # the shipped model is weak but not hopeless, and has learned the format
     assert 0.05 <= res["accuracy"] <= 0.5
     assert (df["format_reward"] == 1.0).mean() > 0.8
-
-
-# ---------------------------------------------------------------- the paper's model families
-
-
-def _random_model(kind: str, vocab: int):
-    """A small randomly initialised model of the paper's families (no hub): Qwen2 (biases on
-    q/k/v, grouped-query attention) or Llama-3 (rope_type "llama3")."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed({"qwen2": 0, "llama3": 1, "llama-bias": 2, "llama-linear": 3}[kind])
-    if kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
-    elif kind == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
-        model = LlamaForCausalLM(LlamaConfig(rope_scaling=rope, **common))
-    elif kind == "llama-linear":
-        model = LlamaForCausalLM(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 4.0}, **common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(attention_bias=True, mlp_bias=True, **common))
-    with torch.no_grad():  # biases start at zero: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.3)
-    return model.eval()
-
-
-@pytest.mark.parametrize("kind", ["qwen2", "llama3", "llama-bias", "llama-linear"])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_lean_decoder_covers_qwen2_and_llama3_with_hugging_face_tokens(tiny, prompts, kind, fuse, monkeypatch):
-    _, tok = tiny
-    model = _random_model(kind, len(tok))
-    assert gen._fast_llama_ok(model)
-    if kind == "llama3":  # the scaled rope really differs from the default one
-        default = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
-        assert not torch.allclose(model.model.rotary_emb.inv_freq, default)
-    if not fuse:  # the path of large models: live weights, one product per projection
-        monkeypatch.setattr(gen, "SMALL_MODEL", 0)
-    hf = generate(model, tok, prompts[:12], max_new_tokens=24, fast=False, threads=1)
-    lean = generate(model, tok, prompts[:12], max_new_tokens=24, fast=True, threads=1)
-    assert lean == hf
-    assert len({len(x) for x in hf}) > 1  # rows end at different steps (EOS), so rows were dropped
 
 
 def test_hugging_face_fallback_drops_finished_rows(tiny, prompts):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from esnb.es import ESConfig
-from esnb.lowrank import LowRankES, _PopLlama, generate_population, lowrank_factors, lowrank_noise, score_population
+from esnb.lowrank import (LowRankES, generate_population, lowrank_decoder, lowrank_factors, lowrank_noise,
+                          score_population)
 from esnb.generation import generate
 from esnb.tinylm import build_model, build_tokenizer
 
@@ -73,7 +74,8 @@ def test_population_forward_matches_materialized_weights(tok):
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        logits = _PopLlama(model, es, members).prefill(enc["input_ids"], enc["attention_mask"], 4).view(len(members), len(prompts), -1)
+        dec = lowrank_decoder(model, es, members)
+        logits = dec.prefill(enc["input_ids"], enc["attention_mask"], 4).view(len(members), len(prompts), -1)
         for j, m in enumerate(members):
             with es.perturbed(m):
                 ref = model(**enc, position_ids=pos).logits[:, -1]
