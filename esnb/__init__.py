@@ -24,7 +24,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY_MODULES = {"ablation", "analysis", "distributed", "doctor", "es", "finetune", "generation", "grpo",
-                 "landscapes", "lowrank", "models", "noise", "plots", "population", "run", "runlog", "stats",
+                 "landscapes", "lowrank", "models", "noise", "plots", "population", "runlog", "suite", "stats",
                  "tasks", "tinylm", "toy", "widgets", "zeroth_order"}
 
 

@@ -1,7 +1,7 @@
-"""``python -m esnb run ...`` / ``python -m esnb execute ...``: see esnb/run.py."""
+"""``python -m esnb run ...`` / ``python -m esnb execute ...``: see esnb/suite.py."""
 import sys
 
-from .run import main
+from .suite import main
 
 if __name__ == "__main__":
     sys.exit(main())

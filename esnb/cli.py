@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 __all__ = ["cli_field", "number", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "add_config_arguments", "config_settings", "flag_of"]
+           "add_config_arguments", "config_settings", "flag_of",
+           "cli_task_and_items", "parse_task_options", "add_run_arguments", "add_data_argument"]
 
 
 def number(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
@@ -89,3 +90,78 @@ def flag_of(name: str, *configs: type) -> str:
             if f.name == name and f.metadata.get("cli"):
                 return f.metadata["cli"]["flag"] or "--" + name.replace("_", "-")
     return "--" + name.replace("_", "-")
+
+
+def cli_task_and_items(ap: argparse.ArgumentParser, settings: dict, paper: bool = False,
+                       train_size: int = 1) -> tuple[Any, list, list]:
+    """The task and its (train, test) items as the command line asks: ``--task`` with its options,
+    paper mode's task options for Countdown, the compact prompt for the shipped models, and
+    ``--data`` (the paper's countdown.json) when given. ``python -m esnb.finetune``, ``torchrun
+    -m esnb.distributed`` and ``python -m esnb.grpo`` all build their run with it, so they train on
+    the same puzzles. ``paper``: paper mode; ``train_size``: the training items the run needs. A
+    bad option or data file stops with ``ap.error`` naming the flag, before any model is loaded."""
+    from .models import SHIPPED
+    from .tasks import default_items, get_task
+
+    options = dict(settings.get("task_options") or {})
+    countdown = settings["task"].strip().lower() == "countdown"
+    if countdown and paper:  # the paper's prompt, target rule and reward (explicit options win)
+        options.setdefault("prompt_style", "paper")
+        options.setdefault("targets", "paper")
+        options.setdefault("reward", "esnb" if settings.get("legacy_reward") else "paper-script")
+    if countdown and settings["model"].strip().lower() in SHIPPED:
+        options.setdefault("prompt_style", "compact")
+    if settings.get("data") and not countdown:
+        ap.error(f"--data: reads the paper's countdown.json; the task is {settings['task']!r}")
+    try:
+        task = get_task(settings["task"], **options)
+    except (ValueError, TypeError) as e:
+        ap.error(f"--task: {e}")
+    try:
+        if settings.get("data"):
+            from .tasks.countdown import load_paper_data
+
+            train_items, test_items = load_paper_data(settings["data"])
+        else:
+            train_items, test_items = default_items(task)
+    except ValueError as e:
+        ap.error(f"--{'data' if settings.get('data') else 'task'}: {str(e).splitlines()[0][:300]}")
+    if len(train_items) < train_size:
+        ap.error(f"--train-size: the task has {len(train_items)} training items, {train_size} requested")
+    return task, train_items, test_items
+
+
+def parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str] | None) -> dict:
+    """``--task-option KEY=VALUE`` pairs as a dict of Python literals (errors through ``ap.error``)."""
+    from ._env import parse_value
+
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--task-option: expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = parse_value(value)
+        except ValueError as e:
+            ap.error(f"--task-option {key.strip()[:40]}: {e}")
+    return options
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, what: str) -> None:
+    """The flags every trainer's command line shares: what to train (model, task and its options)
+    and where the run goes (a new folder, or one to resume)."""
+    ap.add_argument("--model", help="'tiny', 'tiny-base', 'smollm2-135m', a Hugging Face id or a folder (required "
+                                    "unless --resume)")
+    ap.add_argument("--task", help="a task name from esnb.tasks, e.g. 'countdown' (required unless --resume)")
+    ap.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
+                    help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' and 'tiny-base' "
+                         "defaults to compact")
+    ap.add_argument("--output", help=f"{what} directory (required unless --resume)")
+    ap.add_argument("--resume", metavar="DIR", help=f"continue the {what} in DIR from its last checkpoint")
+    ap.add_argument("--overwrite", action="store_const", const=True,
+                    help=f"allow --output to be a non-empty folder, or a finished {what} to replace")
+
+
+def add_data_argument(ap: Any) -> None:
+    ap.add_argument("--data", metavar="PATH",
+                    help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")

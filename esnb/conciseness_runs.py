@@ -181,7 +181,7 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
                                 max_new_tokens=settings.max_new_tokens, eval_every=settings.grpo_eval_every,
                                 seed=seed, progress=progress, track_updates=True)
             res = train_grpo(model, tokenizer, task, train, test, cfg, callback=cb)
-            from .finetune import model_name
+            from .models import model_name
 
             meta = {"grpo": cfg.to_dict(), "model": model_name(model),  # relative to the repository: no machine paths
                     "state_bytes": res.state_bytes}

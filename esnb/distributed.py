@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import ModelNotAvailable, load_model
 
     # the same task, options and puzzles as python -m esnb.finetune (--data and paper mode included)
-    task, train_items, test_items = ft.cli_task_and_items(ap, settings, config)
+    task, train_items, test_items = ft.cli_task_and_items(ap, settings, config.fidelity == "paper", config.train_size)
     try:
         model, tokenizer = load_model(settings["model"], device=device, dtype=config.dtype)
     except (ModelNotAvailable, OSError, ValueError) as e:

@@ -53,7 +53,9 @@ import torch
 
 from ._cpu import share_cores
 from ._env import OneLineParser
-from .cli import add_config_arguments, cli_field, config_settings, flag_of, nonneg_int, positive_int
+from .cli import (add_config_arguments, add_data_argument, add_run_arguments, cli_field, cli_task_and_items, config_settings, flag_of,
+                  nonneg_int, parse_task_options, positive_int)
+from .models import check_context, model_name
 from .es import ES, PAPER_GROUP, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
 from .tasks import default_items, task_items
@@ -379,19 +381,6 @@ def _prepare_model(model, config: FinetuneConfig):
     return model
 
 
-def model_name(model) -> str | None:
-    """The model's name_or_path, relative to the repository when it lives there (no machine paths in logs)."""
-    name = getattr(getattr(model, "config", None), "name_or_path", None)
-    if not name:
-        return None
-    from .paths import REPO_ROOT
-
-    try:
-        return str(Path(name).resolve().relative_to(REPO_ROOT))
-    except (ValueError, OSError):
-        return str(name)
-
-
 def _short_hash(text: str) -> str:
     import hashlib
 
@@ -435,23 +424,6 @@ def output_refusal(out: Path, overwrite: bool, resume: bool = False, cli: bool =
         return (f"{out} is not empty and holds no run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                 f"choose a new or empty folder, or pass {'--overwrite' if cli else 'overwrite=True'}")
     return None
-
-
-def check_context(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, which: str) -> None:
-    """Refuse prompts that, with ``max_new_tokens`` to generate, do not fit in the model's context
-    (``config.max_position_embeddings``): past it a model reads positions it never learned and its
-    completions are noise, silently. One line names the longest prompt and the numbers."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not context or not prompts:
-        return
-    from .generation import encode_prompts
-
-    lengths = [len(encode_prompts(tokenizer, [p], "cpu")[0][0]) for p in prompts]
-    worst = int(np.argmax(lengths))
-    if lengths[worst] + max_new_tokens > context:
-        raise ValueError(f"{which} prompt {worst} has {lengths[worst]} tokens; with max_new_tokens={max_new_tokens} "
-                         f"that is {lengths[worst] + max_new_tokens}, past the model's context of {context} tokens "
-                         f"(use a shorter prompt style, fewer new tokens or a model with a longer context)")
 
 
 def _check_resume_config(saved: dict, config: FinetuneConfig, where: Path) -> None:
@@ -898,44 +870,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m esnb.finetune", allow_abbrev=False,
         description="Full-parameter ES fine-tuning of a causal LM on a task (Qiu et al. 2025). "
                     "Writes the seed log, held-out evaluations, checkpoints and the final model to --output.")
-    ap.add_argument("--model", help="'tiny', 'tiny-base', 'smollm2-135m', a Hugging Face id or a folder (required unless --resume)")
-    ap.add_argument("--task", help="a task name from esnb.tasks, e.g. 'countdown' (required unless --resume)")
-    ap.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
-                    help="task option, e.g. prompt_style=compact (repeatable); countdown on 'tiny' and 'tiny-base' defaults to compact")
-    ap.add_argument("--output", help="run directory (required unless --resume)")
-    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (or, without "
-                                                    "one, from its seed log)")
-    ap.add_argument("--overwrite", action="store_const", const=True,
-                    help="allow --output to be a non-empty folder that holds no run, or a finished run to replace")
+    add_run_arguments(ap, "run")
     ap.add_argument("--threads", type=positive_int, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_const", const=True, help="one printed line per iteration instead of a bar")
     groups: dict = {}
     add_config_arguments(ap, ESConfig, FinetuneConfig, groups=groups)
-    groups[PAPER_GROUP].add_argument(
-        "--data", metavar="PATH",
-        help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
+    add_data_argument(groups[PAPER_GROUP])
     return ap
+
+
+def cli_arguments(settings: dict) -> list[str]:
+    """The command-line arguments of saved settings (a run folder's ``cli`` block): the command that
+    made the run, less its ``--output``."""
+    args: list[str] = []
+    for key, value in settings.items():
+        key = _CLI_RENAMED.get(key, key)
+        flag = "--task-option" if key == "task_options" else flag_of(key, ESConfig, FinetuneConfig)
+        if key == "task_options":
+            args += [a for k, v in value.items() for a in (flag, f"{k}={v}")]
+        elif key == "fidelity":
+            args += ["--paper-faithful"] if value == "paper" else []
+        elif key == "early_stop":
+            args += [] if value else ["--no-early-stop"]
+        elif value is True:
+            args.append(flag)
+        elif value is not False and value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 def config_from_settings(settings: dict) -> FinetuneConfig:
     """The :class:`FinetuneConfig` of command-line settings (``vars(args)``, or a run folder's
     saved ``cli`` settings): the fields they set, defaults for the rest."""
     return FinetuneConfig.of(**config_settings(settings, ESConfig, FinetuneConfig))
-
-
-def _parse_task_options(ap: argparse.ArgumentParser, pairs: Sequence[str]) -> dict:
-    from ._env import parse_value
-
-    options = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            ap.error(f"--task-option: expected KEY=VALUE, got {pair!r}")
-        try:
-            options[key.strip()] = parse_value(value)
-        except ValueError as e:
-            ap.error(f"--task-option {key.strip()[:40]}: {e}")
-    return options
 
 
 def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, bool]:
@@ -969,7 +936,7 @@ def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
             ap.error(f"--iterations: {args.iterations} is below the {done} iterations the run in {out} has already "
                      f"done (its seed log has them)")
         if "task_option" in given:
-            given["task_options"] = _parse_task_options(ap, given.pop("task_option"))
+            given["task_options"] = parse_task_options(ap, given.pop("task_option"))
         clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
         if clash:
             ap.error(f"--resume: {', '.join(flag_of(k, ESConfig, FinetuneConfig) for k in clash)} differ from the "
@@ -986,7 +953,7 @@ def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     if refused:
         ap.error(f"--output: {refused}")
     settings = dict(given)
-    settings["task_options"] = _parse_task_options(ap, settings.pop("task_option", None))
+    settings["task_options"] = parse_task_options(ap, settings.pop("task_option", None))
     model = settings["model"]
     if model.strip().lower() not in _MODEL_NAMES and Path(model).exists():
         settings["model"] = str(Path(model).resolve())  # a resume from another folder finds it too
@@ -1058,43 +1025,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
 
 
-def cli_task_and_items(ap: argparse.ArgumentParser, settings: dict, config: FinetuneConfig) -> tuple[Any, list, list]:
-    """The task and its (train, test) items as the command line asks: ``--task`` with its options,
-    paper mode's task options for Countdown, the compact prompt for the shipped models, and
-    ``--data`` (the paper's countdown.json) when given. ``python -m esnb.finetune`` and ``torchrun
-    -m esnb.distributed`` both build their run with it, so they train on the same puzzles. A bad
-    option or data file stops with ``ap.error`` naming the flag, before any model is loaded."""
-    from .models import SHIPPED
-    from .tasks import get_task
-
-    options = dict(settings.get("task_options") or {})
-    countdown = settings["task"].strip().lower() == "countdown"
-    if countdown and config.fidelity == "paper":  # the paper's prompt, target rule and reward (explicit options win)
-        options.setdefault("prompt_style", "paper")
-        options.setdefault("targets", "paper")
-        options.setdefault("reward", "esnb" if settings.get("legacy_reward") else "paper-script")
-    if countdown and settings["model"].strip().lower() in SHIPPED:
-        options.setdefault("prompt_style", "compact")
-    if settings.get("data") and not countdown:
-        ap.error(f"--data: reads the paper's countdown.json; the task is {settings['task']!r}")
-    try:
-        task = get_task(settings["task"], **options)
-    except (ValueError, TypeError) as e:
-        ap.error(f"--task: {e}")
-    try:
-        if settings.get("data"):
-            from .tasks.countdown import load_paper_data
-
-            train_items, test_items = load_paper_data(settings["data"])
-        else:
-            train_items, test_items = default_items(task)
-    except ValueError as e:
-        ap.error(f"--{'data' if settings.get('data') else 'task'}: {str(e).splitlines()[0][:300]}")
-    if len(train_items) < config.train_size:
-        ap.error(f"--train-size: the task has {len(train_items)} training items, {config.train_size} requested")
-    return task, train_items, test_items
-
-
 def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resuming: bool, config: FinetuneConfig,
                  overwrite: bool) -> int:
     if settings.get("threads"):
@@ -1102,7 +1032,7 @@ def _main_locked(ap: argparse.ArgumentParser, out: Path, settings: dict, resumin
 
     from .models import ModelNotAvailable, load_model
 
-    task, train_items, test_items = cli_task_and_items(ap, settings, config)
+    task, train_items, test_items = cli_task_and_items(ap, settings, config.fidelity == "paper", config.train_size)
     try:
         model, tokenizer = load_model(settings["model"], device=config.device, dtype=config.dtype)
     except (ModelNotAvailable, OSError, ValueError) as e:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .memory import PeakRSS, training_state_bytes
+from .cli import cli_field, nonneg_float, nonneg_int, positive_float, positive_int
 from .files import match_umask, read_jsonl, write_json, write_jsonl
 from .runlog import ResultTables
 
@@ -67,27 +68,34 @@ class GRPORunConfig:
     completions are scored per step (the paper's "GRPO(8)" / "GRPO(30)" is the group size).
     """
 
-    steps: int = 100                 # optimizer steps
-    num_generations: int = 8         # group size G (completions per prompt), >= 2
-    prompts_per_step: int = 1        # distinct prompts per step
-    learning_rate: float = 1e-4      # AdamW; 3e-4 at batch 8 damaged the tiny model, 1e-4 did not
-    beta: float = 0.0                # KL penalty to the starting model (0 = none, no reference model)
-    temperature: float = 1.0         # sampling temperature of the training completions
-    max_new_tokens: int | None = None  # None: the task's max_new_tokens
-    epsilon: float = 0.2             # PPO-style clipping of the probability ratio
-    num_iterations: int = 1          # gradient steps per generated batch (mu)
-    loss_type: str = "grpo"
-    scale_rewards: str = "group"     # divide advantages by the group's std ("none" = Dr. GRPO)
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    eval_every: int = 10             # held-out evaluation every K steps (0: only at start and end)
+    steps: int = cli_field(100, "optimizer steps", type=positive_int)
+    num_generations: int = cli_field(8, "group size G: completions per prompt, >= 2", metavar="G", type=positive_int)
+    prompts_per_step: int = cli_field(1, "distinct prompts per step", type=positive_int)
+    # AdamW; 3e-4 at batch 8 damaged the tiny model, 1e-4 did not
+    learning_rate: float = cli_field(1e-4, "AdamW learning rate", flag="--lr", type=positive_float)
+    beta: float = cli_field(0.0, "KL penalty to the starting model (0: none, no reference model)", type=nonneg_float)
+    temperature: float = cli_field(1.0, "sampling temperature of the training completions", type=positive_float)
+    max_new_tokens: int | None = cli_field(None, "generation cap (default: the task's)", type=positive_int,
+                                           show_default=False)
+    epsilon: float = cli_field(0.2, "PPO-style clipping of the probability ratio", type=nonneg_float)
+    num_iterations: int = cli_field(1, "gradient steps per generated batch (mu)", type=positive_int)
+    loss_type: str = cli_field("grpo", "TRL's loss", choices=list(LOSS_TYPES))
+    scale_rewards: str = cli_field("group", "divide advantages by the group's std ('none': Dr. GRPO)",
+                                   choices=list(SCALE_REWARDS))
+    max_grad_norm: float = cli_field(1.0, "gradient clipping", type=positive_float)
+    weight_decay: float = cli_field(0.0, "AdamW weight decay", type=nonneg_float)
+    eval_every: int = cli_field(10, "held-out evaluation every K steps (0: only at start and end)", type=nonneg_int)
     eval_batch_size: int = 64
-    checkpoint_every: int = 0        # with an output_dir: a resumable checkpoint every K steps (0: none)
-    seed: int = 0
-    threads: int | None = None       # torch.set_num_threads for the run (None: leave as is)
-    bf16: bool = False               # only on a GPU that supports it
+    checkpoint_every: int = cli_field(0, "with --output: a resumable checkpoint every K steps (0: none)",
+                                      type=nonneg_int)
+    seed: int = cli_field(0, "run seed", type=nonneg_int)
+    threads: int | None = cli_field(None, "torch CPU threads for the run (default: as they are)", type=positive_int,
+                                    show_default=False)
+    bf16: bool = cli_field(False, "bf16 training (only on a GPU that supports it)", action="store_const", const=True,
+                           show_default=False)
     track_updates: bool = False      # log the RMS of each step's weight change (costs a weight copy)
-    progress: bool = True
+    progress: bool = cli_field(True, "one printed line per evaluation instead of a bar", flag="--no-progress",
+                               action="store_const", const=False, show_default=False)
     trl_args: dict = field(default_factory=dict)  # any other trl.GRPOConfig field
 
     def __post_init__(self) -> None:
@@ -172,6 +180,7 @@ class GRPOResult(ResultTables):
     cuda_peak: int | None = None
     state_bytes: dict = field(default_factory=dict)
     output_dir: Path | None = None
+    metadata: dict = field(default_factory=dict)  # written into config.json beside the settings (e.g. "cli")
 
 
 
@@ -209,7 +218,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
                test_items: Sequence[Any] | None = None, config: GRPORunConfig | None = None,
                output_dir: str | os.PathLike | None = None,
                callback: Callable[[GRPOResult], None] | None = None, overwrite: bool = False,
-               resume: bool = False) -> GRPOResult:
+               resume: bool = False, metadata: dict | None = None) -> GRPOResult:
     """Train ``model`` with GRPO on ``task`` (in place) and evaluate it on ``test_items``.
 
     ``output_dir`` must be new or empty (a run, a model or anything else there is never written
@@ -233,7 +242,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     if output_dir is None:
         if resume:
             raise ValueError("resume=True needs the output_dir of the run to continue")
-        return _train_grpo(model, tokenizer, task, train_items, test_items, config, None, callback)
+        return _train_grpo(model, tokenizer, task, train_items, test_items, config, None, callback, metadata=metadata)
     from .runlog import LOCK, RunLock
 
     out = Path(output_dir)
@@ -242,7 +251,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
     try:
         if resume:
             state = _resume_state(out, config or GRPORunConfig())
-            return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback, state)
+            return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback, state, metadata)
         foreign = [p.name for p in sorted(out.iterdir()) if p.name != LOCK]
         if foreign and not overwrite:
             raise FileExistsError(f"{out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
@@ -250,7 +259,7 @@ def train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any]
                                   "folder, or pass overwrite=True (or resume=True to continue a run)")
         if overwrite and (out / CHECKPOINTS).exists():
             shutil.rmtree(out / CHECKPOINTS)  # an old run's training state must not be resumed into this one
-        return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback)
+        return _train_grpo(model, tokenizer, task, train_items, test_items, config, out, callback, metadata=metadata)
     finally:
         lock.release()
 
@@ -281,7 +290,7 @@ def _resume_state(out: Path, config: GRPORunConfig) -> dict:
     if len(log) != step:
         raise ValueError(f"{out}: cannot resume: log.jsonl has {len(log)} of the {step} steps its checkpoint holds")
     return {"checkpoint": checkpoints[-1], "log": log, "evals": [r for r in saved.eval_rows if r["iteration"] <= step],
-            "samples_before": saved.samples_before}
+            "samples_before": saved.samples_before, "metadata": saved.metadata}
 
 
 class _GRPORun:
@@ -467,10 +476,12 @@ def _trl_args(config: GRPORunConfig, max_new: int, output_dir: Path | None, scra
 
 def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any] | None,
                 test_items: Sequence[Any] | None, config: GRPORunConfig | None, output_dir: Path | None,
-                callback: Callable[[GRPOResult], None] | None, resume_state: dict | None = None) -> GRPOResult:
+                callback: Callable[[GRPOResult], None] | None, resume_state: dict | None = None,
+                metadata: dict | None = None) -> GRPOResult:
     """:func:`train_grpo` once its output folder, if any, is checked and locked."""
     from datasets import Dataset
 
+    from .models import check_context
     from .tasks import task_items
 
     config = config or GRPORunConfig()
@@ -482,7 +493,11 @@ def _train_grpo(model: Any, tokenizer: Any, task: Any, train_items: Sequence[Any
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    max_new = config.max_new_tokens or task.max_new_tokens
+    check_context(model, tokenizer, [task.prompt(it, tokenizer) for it in train_items], max_new, "training")
+    check_context(model, tokenizer, [task.prompt(it, tokenizer) for it in test_items], max_new, "held-out")
     run = _GRPORun(model, tokenizer, task, train_items, test_items, config, output_dir, callback, resume_state)
+    run.result.metadata = dict(metadata if metadata is not None else (resume_state or {}).get("metadata", {}))
     if resume_state is None:
         run.held_out(0)
     if output_dir is not None:
@@ -573,8 +588,11 @@ def save_progress(result: GRPOResult, output_dir: str | os.PathLike, **meta: Any
                         ("samples_after.jsonl", result.samples_after)):
         if frame is not None:
             write_jsonl(out / name, frame.to_dict("records"))
-    model_id = getattr(getattr(result.model, "config", None), "name_or_path", None)
-    write_json(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id, **meta}, sort_keys=False)
+    from .models import model_name
+
+    model_id = model_name(result.model) if result.model is not None else result.metadata.get("model")
+    write_json(out / "config.json", {"grpo": result.config.to_dict(), "model": model_id, **result.metadata, **meta},
+               sort_keys=False)
 
 
 def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
@@ -599,6 +617,10 @@ def save_result(result: GRPOResult, output_dir: str | os.PathLike) -> Path:
     return out
 
 
+# what config.json holds besides a run's metadata
+_RESULT_KEYS = ("grpo", "peak_rss", "cuda_peak", "state_bytes")
+
+
 def load_result(output_dir: str | os.PathLike) -> GRPOResult:
     """Read a saved run back (no model: load ``DIR/final`` with ``from_pretrained`` or
     ``esnb.models.load_model(str(DIR / "final"))``)."""
@@ -610,7 +632,8 @@ def load_result(output_dir: str | os.PathLike) -> GRPOResult:
     meta = json.loads((out / "config.json").read_text())
     result = GRPOResult(config=GRPORunConfig(**meta["grpo"]), output_dir=out,
                         peak_rss=int(meta.get("peak_rss") or 0), cuda_peak=meta.get("cuda_peak"),
-                        state_bytes=dict(meta.get("state_bytes") or {}))
+                        state_bytes=dict(meta.get("state_bytes") or {}),
+                        metadata={k: v for k, v in meta.items() if k not in _RESULT_KEYS})
 
     def rows(name: str) -> list[dict]:
         return read_jsonl(out / name, missing_ok=True)
@@ -620,3 +643,111 @@ def load_result(output_dir: str | os.PathLike) -> GRPOResult:
         data = rows(f"{name}.jsonl")
         setattr(result, name, pd.DataFrame(data) if data else None)
     return result
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> Any:
+    """``python -m esnb.grpo``: the run's own flags (model, task, folders) as ``python -m
+    esnb.finetune`` has them, and one flag per command-line field of :class:`GRPORunConfig`."""
+    from ._env import OneLineParser
+    from .cli import add_config_arguments, add_data_argument, add_run_arguments
+
+    ap = OneLineParser(prog="python -m esnb.grpo", allow_abbrev=False,
+                       description="GRPO (TRL) on a task: the RL baseline of the ES engine, with the same rewards, "
+                                   "held-out evaluation and sample counting. Writes the step log, held-out "
+                                   "evaluations, checkpoints and the final model to --output.")
+    add_run_arguments(ap, "run")
+    add_data_argument(ap)
+    ap.add_argument("--test-size", type=positive_int, help="held-out items per evaluation (default: all)")
+    ap.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                    help="precision the model is loaded in (default: fp32 on a CPU)")
+    add_config_arguments(ap, GRPORunConfig)
+    return ap
+
+
+# command-line settings that say where and how to run, not what the run is
+_CLI_RESUMABLE = _RESUMABLE | {"test_size", "device"}
+
+
+def _cli_settings(ap: Any, args: Any) -> tuple[Path, dict, bool]:
+    """(run folder, settings, resuming): the flags given, on top of a resumed run's own."""
+    from .cli import parse_task_options
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output", "overwrite")}
+    if "task_option" in given:
+        given["task_options"] = parse_task_options(ap, given.pop("task_option"))
+    if args.resume:
+        out = Path(args.resume)
+        if args.output and Path(args.output) != out:
+            ap.error("--output and --resume name different directories; give one of them")
+        try:
+            saved = load_result(out).metadata.get("cli")
+        except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+            ap.error(f"--resume: {out} holds no GRPO run ({str(e).splitlines()[0][:200]})")
+        if not isinstance(saved, dict):
+            ap.error(f"--resume: {out} was not started from the command line (config.json has no 'cli' settings)")
+        clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
+        if clash:
+            ap.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in {out}")
+        return out, {**saved, **given}, True
+    missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--output: {out} is a file, not a folder")
+    given.setdefault("task_options", {})
+    if given.get("data"):
+        given["data"] = str(Path(given["data"]).resolve())
+    return out, given, False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m esnb.grpo``: see ``--help``. Bad arguments end with one line (exit status 2)."""
+    import sys
+
+    from .cli import cli_task_and_items, config_settings
+    from .models import ModelNotAvailable, load_model
+    from .runlog import RunLocked
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    out, settings, resuming = _cli_settings(ap, args)
+    try:
+        config = GRPORunConfig(**config_settings(settings, GRPORunConfig))
+    except ValueError as e:
+        ap.error(str(e))
+    task, train_items, test_items = cli_task_and_items(ap, settings, train_size=config.prompts_per_step)
+    test_items = test_items[:settings["test_size"]] if settings.get("test_size") else test_items
+    try:
+        model, tokenizer = load_model(settings["model"], device=settings.get("device"), dtype=settings.get("dtype"))
+    except (ModelNotAvailable, OSError, ValueError) as e:
+        ap.error(f"--model: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    seen = {"eval": 0}
+
+    def report(result: GRPOResult) -> None:
+        if not config.progress and len(result.eval_rows) > seen["eval"]:
+            e = result.eval_rows[-1]
+            print(f"held-out after {e['iteration']} steps: accuracy {e['test_accuracy']:.3f}, "
+                  f"reward {e['test_reward']:.4f} ({e['samples']} samples)", flush=True)
+            seen["eval"] = len(result.eval_rows)
+
+    try:
+        result = train_grpo(model, tokenizer, task, train_items, test_items, config, output_dir=out, callback=report,
+                            overwrite=bool(args.overwrite), resume=resuming,
+                            metadata={"cli": settings})
+    except (ValueError, FileExistsError, RunLocked) as e:  # refused settings or folder: one line, no traceback
+        ap.exit(2, f"{ap.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+    except KeyboardInterrupt:
+        ap.exit(130, f"{ap.prog}: interrupted; continue with --resume {out} (with --checkpoint-every K)\n")
+    print(f"done: {config.steps} steps, held-out accuracy {result.accuracy_before:.3f} -> {result.accuracy_after:.3f}, "
+          f"{result.samples} samples, {result.seconds_per_iteration:.2f} s/step; run in {out}, final model in "
+          f"{out / FINAL}", file=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -300,3 +300,33 @@ def available_models() -> "Any":
                  "note": "HF_HUB_OFFLINE is set: hub models are off" if offline
                  else "needs network access to the hub (and a GPU for the paper's sizes)"})
     return pd.DataFrame(rows)
+
+
+def model_name(model) -> str | None:
+    """The model's name_or_path, relative to the repository when it lives there (no machine paths in logs)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not name:
+        return None
+    from .paths import REPO_ROOT
+
+    try:
+        return str(Path(name).resolve().relative_to(REPO_ROOT))
+    except (ValueError, OSError):
+        return str(name)
+
+
+def check_context(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, which: str) -> None:
+    """Refuse prompts that, with ``max_new_tokens`` to generate, do not fit in the model's context
+    (``config.max_position_embeddings``): past it a model reads positions it never learned and its
+    completions are noise, silently. One line names the longest prompt and the numbers."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context or not prompts:
+        return
+    from .generation import encode_prompts
+
+    lengths = [len(encode_prompts(tokenizer, [p], "cpu")[0][0]) for p in prompts]
+    worst = max(range(len(lengths)), key=lengths.__getitem__)  # the first longest, as argmax
+    if lengths[worst] + max_new_tokens > context:
+        raise ValueError(f"{which} prompt {worst} has {lengths[worst]} tokens; with max_new_tokens={max_new_tokens} "
+                         f"that is {lengths[worst] + max_new_tokens}, past the model's context of {context} tokens "
+                         f"(use a shorter prompt style, fewer new tokens or a model with a longer context)")

@@ -33,7 +33,7 @@ from .paths import PACKAGE_DIR, REPO_ROOT
 
 FORMAT = 2
 # Machinery that records provenance does not make outputs: its own code is never a dependency.
-INFRASTRUCTURE = {"esnb._trace", "esnb.provenance", "esnb.run", "esnb.__main__"}
+INFRASTRUCTURE = {"esnb._trace", "esnb.provenance", "esnb.suite", "esnb.__main__"}
 MODULE_UNIT = "<module>"
 CACHE_DIRS = ("data/cache",)  # converted-model caches: derived, machine-local, not inputs
 MAX_HASHED_BYTES = 2 << 30

@@ -260,3 +260,19 @@ def test_arithmetic_split_keeps_commuted_twins_together():
             {(x["a"], x["op"], x["b"]) for x in task._items}
     assert twin_key({"a": 5, "b": 7, "op": "+"}) == twin_key({"a": 7, "b": 5, "op": "+"})
     assert twin_key({"a": 7, "b": 5, "op": "-"}) != twin_key({"a": 5, "b": 7, "op": "-"})
+
+
+def test_saved_cli_settings_give_back_the_command_that_made_the_run():
+    from esnb.finetune import build_parser, cli_arguments, cli_settings, config_from_settings
+
+    argv = ["--model", "tiny-base", "--task", "countdown", "--population", "8", "--antithetic", "--sigma", "0.002",
+            "--task-option", "prompt_style=compact", "--paper-faithful", "--no-early-stop", "--seeds", "esnb",
+            "--iterations", "3", "--output", "somewhere"]
+    ap = build_parser()
+    _, settings, _ = cli_settings(ap, ap.parse_args(argv))
+    again = ap.parse_args(cli_arguments(settings) + ["--output", "somewhere"])
+    assert config_from_settings(vars(again)) == config_from_settings(settings)
+    assert config_from_settings(settings).es.population_size == 8
+    # a run folder written before the ES settings had their field names
+    legacy = {"population": 32, "sigma": 0.002, "antithetic": True, "model": "tiny-base", "task": "countdown"}
+    assert cli_arguments(legacy)[:2] == ["--population", "32"]

@@ -343,3 +343,55 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path):
         [(r["iteration"], r["test_accuracy"]) for r in whole.eval_rows]
     assert all(torch.equal(a, p.detach()) for a, p in zip(whole_weights, model.parameters()))
     assert load_result(tmp_path / "killed").log["seconds"].is_monotonic_increasing
+
+
+# ---------------------------------------------------------------- python -m esnb.grpo
+
+_CLI = ["--model", "tiny-base", "--task", "countdown", "--num-generations", "2", "--prompts-per-step", "2",
+        "--test-size", "2", "--eval-every", "1", "--checkpoint-every", "1", "--max-new-tokens", "12",
+        "--threads", "1", "--no-progress"]
+
+
+def _cli(argv, capsys):
+    from esnb.grpo import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_cli_run_resumes_to_the_uninterrupted_runs_rows_and_weights(tmp_path, capsys):
+    from esnb.models import load_model
+
+    assert _cli(_CLI + ["--steps", "3", "--output", str(tmp_path / "whole")], capsys)[0] == 0
+    assert _cli(_CLI + ["--steps", "2", "--output", str(tmp_path / "cut")], capsys)[0] == 0
+    code, out = _cli(["--resume", str(tmp_path / "cut"), "--steps", "3"], capsys)  # settings from config.json
+    assert code == 0 and "done: 3 steps" in out.out
+    whole, cut = load_result(tmp_path / "whole"), load_result(tmp_path / "cut")
+    timing = ("iter_seconds", "seconds", "eval_seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in cut.log_rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in whole.log_rows]
+    assert [r["test_reward"] for r in cut.eval_rows] == [r["test_reward"] for r in whole.eval_rows]
+    assert cut.metadata["cli"]["model"] == "tiny-base" and cut.config.steps == 3
+    a, _ = load_model(str(tmp_path / "whole" / "final"))
+    b, _ = load_model(str(tmp_path / "cut" / "final"))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--task", "countdown", "--output", "OUT"], "--model"),
+    (["--model", "tiny-base", "--task", "countdown", "--output", "OUT", "--lr", "-1"], "--lr"),
+    (["--model", "tiny-base", "--task", "countdown", "--output", "OUT", "--num-generations", "1"], "num_generations"),
+    (["--model", "tiny-base", "--task", "nope", "--output", "OUT"], "--task"),
+    (["--resume", "MODEL"], "--resume"),
+    (["--model", "tiny-base", "--task", "countdown", "--output", "MODEL", "--steps", "1"], "not empty"),
+])
+def test_cli_refuses_bad_input_in_one_line(argv, says, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    argv = [str(model_dir) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        _cli(argv, capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert (model_dir / "model.safetensors").read_bytes() == b"weights"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from esnb.es import ES, ESConfig, PaperSeedsES, paper_iteration_seeds
+from esnb.es import ESConfig, PaperSeedsES, paper_iteration_seeds
 from esnb.finetune import FinetuneConfig
 from esnb.tasks import get_task
 from esnb.tasks import countdown as cd

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 from esnb import REPO_ROOT
-from esnb.run import clean_notebook, find_notebooks, main, parse_value, run_suite, summary_table
+from esnb.suite import clean_notebook, find_notebooks, main, parse_value, run_suite, summary_table
 
 
 def _notebook(path: Path, body: str, params: str = "smoke = False\nx = 1") -> Path:
@@ -80,7 +80,7 @@ def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, message
     src.mkdir()
     _notebook(src / "01_a.ipynb", "pass", params="smoke = False\nseed = 0\nsigma = 0.01\nsizes = [1, 2]\nname = 'x'\n"
                                                  "device = None")
-    code = ("import sys\nfrom esnb.run import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom esnb.suite import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, "run", "--notebooks", str(src), "--output",
                            str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=60)
@@ -93,7 +93,7 @@ def test_bad_parameters_are_refused_before_anything_runs(tmp_path, args, message
 def test_runs_wait_for_each_other_but_not_for_their_own_parent(tmp_path):
     lock = tmp_path / "lock"
     env = {**__import__("os").environ, "ESNB_LOCK_FILE": str(lock)}
-    code = "from esnb.run import machine_lock\nwith machine_lock():\n    print('got it')"
+    code = "from esnb.suite import machine_lock\nwith machine_lock():\n    print('got it')"
     # under `flock LOCK python ...` (the lock's holder is the parent): goes ahead
     proc = subprocess.run(["flock", str(lock), sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=60)
@@ -110,7 +110,7 @@ def test_runs_wait_for_each_other_but_not_for_their_own_parent(tmp_path):
 
 
 def test_good_parameters_pass_the_check(tmp_path):
-    from esnb.run import declared_parameters, parameter_error
+    from esnb.suite import declared_parameters, parameter_error
 
     path = _notebook(tmp_path / "01_a.ipynb", "pass", params="seed = 0\nsigma = 0.01\nname = 'x'\ndevice = None")
     defaults = declared_parameters(path)

@@ -99,7 +99,7 @@ def _tree(d):
 # ---------------------------------------------------------------- 1. one writer per run folder
 
 
-def test_item1_second_run_on_a_locked_folder_is_refused_in_one_line(tmp_path, model_dir, capsys):
+def test_second_run_on_a_locked_folder_is_refused_in_one_line(tmp_path, model_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -124,7 +124,7 @@ def test_item1_second_run_on_a_locked_folder_is_refused_in_one_line(tmp_path, mo
         os.close(holder)
 
 
-def test_item1_lock_is_held_for_the_run_released_after_and_stale_ones_reclaimed(tmp_path, tok, capsys):
+def test_lock_is_held_for_the_run_released_after_and_stale_ones_reclaimed(tmp_path, tok, capsys):
     out = tmp_path / "run"
     seen = []
 
@@ -145,7 +145,7 @@ def test_item1_lock_is_held_for_the_run_released_after_and_stale_ones_reclaimed(
     assert "took over the lock" in capsys.readouterr().err and not (out / LOCK).exists()
 
 
-def test_item1_run_lock_is_reentrant_and_cleans_up_a_folder_it_made(tmp_path):
+def test_run_lock_is_reentrant_and_cleans_up_a_folder_it_made(tmp_path):
     from esnb.runlog import LOCK as lock_name
     from esnb.runlog import RunLock
 
@@ -173,7 +173,7 @@ def _model_folder(tmp_path):
     return d
 
 
-def test_item2_output_refuses_a_model_folder(tmp_path, tok, model_dir, capsys):
+def test_output_refuses_a_model_folder(tmp_path, tok, model_dir, capsys):
     d = _model_folder(tmp_path)
     before = _tree(d)
     with pytest.raises(SystemExit) as e:
@@ -188,13 +188,13 @@ def test_item2_output_refuses_a_model_folder(tmp_path, tok, model_dir, capsys):
     assert (d / "log.jsonl").exists()
 
 
-def test_item2_output_at_a_file_is_one_line(tmp_path, model_dir, capsys):
+def test_output_at_a_file_is_one_line(tmp_path, model_dir, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
     with pytest.raises(SystemExit) as e:
         _cli(f, model_dir)
     assert e.value.code == 2 and "is a file" in _one_line(capsys.readouterr().err)
-    from esnb.run import main as run_main
+    from esnb.suite import main as run_main
 
     with pytest.raises(SystemExit) as e:
         run_main(["run", "--only", "01", "--output", str(f)])
@@ -204,7 +204,7 @@ def test_item2_output_at_a_file_is_one_line(tmp_path, model_dir, capsys):
 # ---------------------------------------------------------------- 3. resume
 
 
-def test_item3_resume_without_checkpoint_rebuilds_from_the_seed_log(tmp_path, tok):
+def test_resume_without_checkpoint_rebuilds_from_the_seed_log(tmp_path, tok):
     ref = _model(tok)
     finetune(ref, tok, DigitTask(), TRAIN, TEST, _cfg(), progress=False)
     out = tmp_path / "run"
@@ -220,7 +220,7 @@ def test_item3_resume_without_checkpoint_rebuilds_from_the_seed_log(tmp_path, to
     assert bit_equal(model, ref)
 
 
-def test_item3_damaged_checkpoint_is_rebuilt_from_the_log_and_stale_temps_go(tmp_path, tok, capsys):
+def test_damaged_checkpoint_is_rebuilt_from_the_log_and_stale_temps_go(tmp_path, tok, capsys):
     out = tmp_path / "run"
     cfg = _cfg(checkpoint_every=1)
     with pytest.raises(Stop):
@@ -236,7 +236,7 @@ def test_item3_damaged_checkpoint_is_rebuilt_from_the_log_and_stale_temps_go(tmp
     assert not list(out.glob(".*.tmp"))
 
 
-def test_item3_resume_adds_no_off_schedule_evaluation(tmp_path, tok):
+def test_resume_adds_no_off_schedule_evaluation(tmp_path, tok):
     out = tmp_path / "run"
     cfg = _cfg(iterations=4, eval_every=3, checkpoint_every=1)
     with pytest.raises(Stop):
@@ -247,7 +247,7 @@ def test_item3_resume_adds_no_off_schedule_evaluation(tmp_path, tok):
     assert [r["iteration"] for r in rows] == [0, 3, 4]
 
 
-def test_item3_resume_with_fewer_iterations_than_done_is_refused(tmp_path, tok, model_dir, capsys):
+def test_resume_with_fewer_iterations_than_done_is_refused(tmp_path, tok, model_dir, capsys):
     out = tmp_path / "run"
     finetune(_model(tok), tok, DigitTask(), TRAIN, TEST, _cfg(iterations=3), output_dir=out, progress=False)
     before = _tree(out)
@@ -263,7 +263,7 @@ def test_item3_resume_with_fewer_iterations_than_done_is_refused(tmp_path, tok, 
     assert e.value.code == 2 and "below the 2 iterations" in _one_line(capsys.readouterr().err)
 
 
-def test_item3_relative_model_path_resumes_from_another_directory(tmp_path, model_dir, monkeypatch, capsys):
+def test_relative_model_path_resumes_from_another_directory(tmp_path, model_dir, monkeypatch, capsys):
     import shutil
 
     work = tmp_path / "work"
@@ -281,7 +281,7 @@ def test_item3_relative_model_path_resumes_from_another_directory(tmp_path, mode
 # ---------------------------------------------------------------- 4. file modes and the model cache
 
 
-def test_item4_run_files_follow_the_umask(tmp_path, tok):
+def test_run_files_follow_the_umask(tmp_path, tok):
     old = os.umask(0o022)
     try:
         out = tmp_path / "run"
@@ -293,7 +293,7 @@ def test_item4_run_files_follow_the_umask(tmp_path, tok):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
 
 
-def test_item4_cache_location_from_the_environment_and_a_read_only_data_falls_back(tmp_path, monkeypatch):
+def test_cache_location_from_the_environment_and_a_read_only_data_falls_back(tmp_path, monkeypatch):
     from esnb import models
 
     monkeypatch.setenv("ESNB_CACHE_DIR", str(tmp_path / "mine"))
@@ -324,7 +324,7 @@ def test_item4_cache_location_from_the_environment_and_a_read_only_data_falls_ba
 
 @pytest.mark.parametrize("target", ['"1e999999999"', '"1e10000000"', "Infinity", "-Infinity", "NaN", "1e999999999",
                                     '"' + "9" * 5000 + '"', "1" + "0" * 5000, '"1e31"', '"12abc"'])
-def test_item5_any_target_is_refused_in_microseconds_naming_file_and_line(tmp_path, target):
+def test_any_target_is_refused_in_microseconds_naming_file_and_line(tmp_path, target):
     from esnb.tasks.countdown import load_puzzles
 
     p = tmp_path / "p.jsonl"
@@ -336,7 +336,7 @@ def test_item5_any_target_is_refused_in_microseconds_naming_file_and_line(tmp_pa
     assert str(p) in str(e.value) and "line 2" in str(e.value) and len(str(e.value)) < 300
 
 
-def test_item5_reward_stays_bounded_and_good_targets_still_parse():
+def test_reward_stays_bounded_and_good_targets_still_parse():
     from esnb.tasks import countdown as cd
 
     t0 = time.perf_counter()
@@ -354,7 +354,7 @@ def test_item5_reward_stays_bounded_and_good_targets_still_parse():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "toaster"])
-def test_item6_missing_device_is_one_line_before_loading(tmp_path, model_dir, monkeypatch, capsys, device):
+def test_missing_device_is_one_line_before_loading(tmp_path, model_dir, monkeypatch, capsys, device):
     if device == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         pytest.skip("this machine has mps")
     monkeypatch.setattr("esnb.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -364,7 +364,7 @@ def test_item6_missing_device_is_one_line_before_loading(tmp_path, model_dir, mo
     assert not (tmp_path / "run").exists()
 
 
-def test_item6_damaged_resume_inputs_are_one_line(tmp_path, model_dir, capsys):
+def test_damaged_resume_inputs_are_one_line(tmp_path, model_dir, capsys):
     out = tmp_path / "run"
     assert _cli(out, model_dir, "--iterations", "1") == 0
     capsys.readouterr()
@@ -380,7 +380,7 @@ def test_item6_damaged_resume_inputs_are_one_line(tmp_path, model_dir, capsys):
     assert e.value.code == 2 and "log.jsonl is missing" in _one_line(capsys.readouterr().err)
 
 
-def test_item6_huge_population_is_refused_with_the_memory_before_loading(tmp_path, model_dir, monkeypatch, capsys):
+def test_huge_population_is_refused_with_the_memory_before_loading(tmp_path, model_dir, monkeypatch, capsys):
     monkeypatch.setattr("esnb.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SystemExit) as e:
         _cli(tmp_path / "run", model_dir, "--population", "1000000000000")
@@ -389,9 +389,9 @@ def test_item6_huge_population_is_refused_with_the_memory_before_loading(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_item6_huge_parameter_values_are_one_line(tmp_path, model_dir, capsys):
-    from esnb.run import main as run_main
-    from esnb.run import parse_value
+def test_huge_parameter_values_are_one_line(tmp_path, model_dir, capsys):
+    from esnb.suite import main as run_main
+    from esnb.suite import parse_value
 
     with pytest.raises(ValueError, match="100,000 characters"):
         parse_value("[" * 100_000)
@@ -407,7 +407,7 @@ def test_item6_huge_parameter_values_are_one_line(tmp_path, model_dir, capsys):
                                   ["--heads", "3"], ["--tag-rate", "2"], ["--target-acc", "5"], ["--n-sft", "0"],
                                   ["--batch-size", "0"], ["--eval-every", "-1"], ["--n-val", "0"],
                                   ["--warmup", "900"], ["--bogus"], ["--hidden-size", "0"], ["--layers", "0"]])
-def test_item6_every_bad_tinylm_argument_is_one_line(tmp_path, monkeypatch, capsys, args):
+def test_every_bad_tinylm_argument_is_one_line(tmp_path, monkeypatch, capsys, args):
     from esnb import tinylm
 
     monkeypatch.setattr(tinylm, "train", lambda **k: pytest.fail("started training"))
@@ -421,7 +421,7 @@ def test_item6_every_bad_tinylm_argument_is_one_line(tmp_path, monkeypatch, caps
     assert "is a file" in _one_line(capsys.readouterr().err)
 
 
-def test_item6_api_bad_arguments_name_the_argument():
+def test_api_bad_arguments_name_the_argument():
     from esnb.models import check_device, load_model
     from esnb.tasks import get_task
     from esnb.tasks.arithmetic import ArithmeticTask
@@ -454,8 +454,8 @@ def test_item6_api_bad_arguments_name_the_argument():
 # ---------------------------------------------------------------- 7. the runner
 
 
-def test_item7_summary_says_smoke_and_wraps_headline_numbers():
-    from esnb.run import Outcome, summary_table
+def test_summary_says_smoke_and_wraps_headline_numbers():
+    from esnb.suite import Outcome, summary_table
 
     records = {f"a_rather_long_headline_number_{i}": 0.123456 * i for i in range(30)}
     table = summary_table([Outcome("05_es_finetunes_tiny_lm.ipynb", "ok", 12.3, records)], smoke=True, numbers=True)
@@ -466,10 +466,10 @@ def test_item7_summary_says_smoke_and_wraps_headline_numbers():
     assert "SMOKE" not in summary_table([Outcome("x.ipynb", "ok", 1.0, records)])
 
 
-def test_item7_sys_exit_and_a_dead_kernel_are_failures_with_the_cell_and_no_tcp_warning(tmp_path, capfd):
+def test_sys_exit_and_a_dead_kernel_are_failures_with_the_cell_and_no_tcp_warning(tmp_path, capfd):
     import nbformat
 
-    from esnb.run import find_notebooks, run_suite
+    from esnb.suite import find_notebooks, run_suite
 
     src = tmp_path / "src"
     src.mkdir()
@@ -498,7 +498,7 @@ def _readme_blocks():
     return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
 
 
-def test_item8_rosenbrock_snippet_prints_what_its_comment_says(capsys):
+def test_rosenbrock_snippet_prints_what_its_comment_says(capsys):
     block = next(b for b in _readme_blocks() if "rosenbrock" in b)
     expected = [ln[2:].split(":")[0] for ln in block.splitlines() if ln.startswith("# value")]
     exec(compile(block, "README.md", "exec"), {})
@@ -506,7 +506,7 @@ def test_item8_rosenbrock_snippet_prints_what_its_comment_says(capsys):
     assert expected and printed == expected[0]
 
 
-def test_item8_finetune_snippet_runs_on_its_own_and_prints_its_result(capsys):
+def test_finetune_snippet_runs_on_its_own_and_prints_its_result(capsys):
     block = next(b for b in _readme_blocks() if "FinetuneConfig" in b)
     assert "import esnb" in block
     # the same code at a test's size: 1 iteration, 4 members, 4 prompts, 4 held-out puzzles

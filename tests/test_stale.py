@@ -15,7 +15,7 @@ import pytest
 
 from esnb import provenance
 from esnb._env import ClaimFailed, claim, read_claims, read_records, record, report
-from esnb.run import execute_in_place, find_notebooks, main, verify_notebook
+from esnb.suite import execute_in_place, find_notebooks, main, verify_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = find_notebooks()
