@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import _cpu
 from .llama import LlamaDecoder, SharedWeights, supported
 
 __all__ = ["generate", "evaluate", "cpu_threads", "decoder", "DECODERS"]
@@ -286,18 +287,13 @@ class _HFStepper:
 PARALLEL_BATCH_MIN = 32  # prompts; below this a second thread does not pay for itself
 
 
-def _batch_workers(model: Any, threads: int | None, n_prompts: int, batch_size: int) -> int:
-    """Threads that decode whole batches side by side: for a small CPU model, which decodes on one
-    torch thread (its matrices are too small to split), the cores other processes leave free;
-    1 when threads were given, on other devices, or for few prompts."""
+def _parallel_batches(model: Any, threads: int | None, n_prompts: int) -> bool:
+    """True when whole batches may be decoded side by side on worker threads: a small CPU model,
+    which decodes on one torch thread (its matrices are too small to split), enough prompts, and
+    no thread count asked for."""
     if threads or n_prompts < PARALLEL_BATCH_MIN or next(model.parameters()).device.type != "cpu":
-        return 1
-    if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
-        return 1
-    from ._cpu import free_cores
-
-    n_batches = -(-n_prompts // batch_size)
-    return max(1, min(free_cores(), n_batches if n_batches > 1 else 2))  # one batch is split in two
+        return False
+    return sum(p.numel() for p in model.parameters()) < SMALL_MODEL
 
 
 def _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens, token_stops,
@@ -366,10 +362,13 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
         use_fast = supported(model) if fast is None else bool(fast and supported(model))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[str] = [""] * len(prompts)
-        workers = _batch_workers(model, asked_threads, len(prompts), batch_size)
-        if workers > 1 and len(prompts) <= batch_size:
-            batch_size = -(-len(prompts) // workers)  # one batch per worker (the texts do not depend on it)
+        parallel = _parallel_batches(model, asked_threads, len(prompts))
+        if parallel and len(prompts) <= batch_size:
+            # one batch is always split in two, however many cores are free: a batch's padding can
+            # change a bf16 completion, so the batches must not depend on the machine's load
+            batch_size = -(-len(prompts) // 2)
         batches = [order[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
+        workers = min(_cpu.free_cores(), len(batches)) if parallel else 1
         if workers > 1:
             _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens,
                                        token_stops, text_stops, eos, use_fast)

@@ -135,3 +135,29 @@ def test_small_models_decode_batches_on_free_cores_with_the_same_texts(tiny, mon
     assert seen == [(2, 2), (2, 2)]
     monkeypatch.setattr(cpu, "free_cores", lambda: 1)  # another process holds a core: one thread
     assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial and len(seen) == 2
+
+
+def test_a_busy_machine_gets_the_same_bf16_texts(monkeypatch):
+    """How many cores are free decides how many threads decode, never how the prompts are batched:
+    in bf16 a batch's padding can change a completion (one of these 48 changed when a batch was
+    split only on an idle machine)."""
+    import esnb._cpu as cpu
+    from esnb.models import load_model
+
+    model, tok = load_model("tiny-base", device="cpu", dtype="bf16")
+    _, test = cd.load_split()
+    prompts = [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:48]]
+    texts, batches = {}, {}
+    real = gen._generate_batch
+
+    def spy(*args, **kwargs):
+        batches[free].append(len(kwargs["encoded"][0]) if kwargs.get("encoded") else len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_generate_batch", spy)
+    for free in (1, 2, 4):
+        monkeypatch.setattr(cpu, "free_cores", lambda free=free: free)
+        batches[free] = []
+        texts[free] = generate(model, tok, prompts, max_new_tokens=64, stop_strings=["</answer>"], batch_size=64)
+    assert texts[1] == texts[2] == texts[4]
+    assert sorted(batches[1]) == sorted(batches[2]) == sorted(batches[4]) == [24, 24]
