@@ -165,8 +165,7 @@ def train_run(settings: Settings, name: str, out: str | os.PathLike, base: Any =
         cb = _trajectory_callback(traj, model, base, tokenizer, task, test, settings.max_new_tokens)
         t0 = time.perf_counter()
         if method == "ES":
-            es = ESConfig(population_size=settings.es_population, sigma=settings.es_sigma, alpha=settings.es_alpha,
-                          seed=seed)
+            es = ESConfig(population_size=settings.es_population, sigma=settings.es_sigma, alpha=settings.es_alpha, seed=seed)
             cfg = FinetuneConfig(es=es, iterations=settings.es_iterations, train_size=len(train),
                                  eval_every=settings.es_eval_every, checkpoint_every=0,
                                  max_new_tokens=settings.max_new_tokens, save_final=False, save_initial=False)
