@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["cli_field", "number", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
            "add_config_arguments", "config_settings", "flag_of",
-           "cli_task_and_items", "parse_task_options", "add_run_arguments", "add_data_argument"]
+           "cli_task_and_items", "parse_task_options", "add_run_arguments", "add_data_argument", "new_run_folder"]
 
 
 def number(kind: type, low: float, strict: bool) -> Callable[[str], Any]:
@@ -165,3 +166,15 @@ def add_run_arguments(ap: argparse.ArgumentParser, what: str) -> None:
 def add_data_argument(ap: Any) -> None:
     ap.add_argument("--data", metavar="PATH",
                     help="countdown: the paper's countdown.json (you bring it); first 200 puzzles train, last 2,000 test")
+
+
+def new_run_folder(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The ``--output`` folder of a new run, once ``--model``, ``--task`` and ``--output`` are all
+    given and ``--output`` is not a file (errors through ``ap.error``)."""
+    missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--output: {out} is a file, not a folder")
+    return out

@@ -54,7 +54,7 @@ import torch
 from ._cpu import share_cores
 from ._env import OneLineParser
 from .cli import (add_config_arguments, add_data_argument, add_run_arguments, cli_field, cli_task_and_items, config_settings, flag_of,
-                  nonneg_int, parse_task_options, positive_int)
+                  new_run_folder, nonneg_int, parse_task_options, positive_int)
 from .models import check_context, model_name
 from .es import ES, PAPER_GROUP, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
@@ -943,12 +943,7 @@ def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
                      f"run in {out}; only {', '.join(flag_of(k, ESConfig, FinetuneConfig) for k in _CLI_RESUMABLE)} "
                      f"may change")
         return out, {**saved, **given}, True
-    missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
-    if missing:
-        ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        ap.error(f"--output: {out} is a file, not a folder")
+    out = new_run_folder(ap, args)
     refused = output_refusal(out, bool(args.overwrite), cli=True)  # a run, a model folder: never written over
     if refused:
         ap.error(f"--output: {refused}")

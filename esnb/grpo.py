@@ -674,7 +674,7 @@ _CLI_RESUMABLE = _RESUMABLE | {"test_size", "device"}
 
 def _cli_settings(ap: Any, args: Any) -> tuple[Path, dict, bool]:
     """(run folder, settings, resuming): the flags given, on top of a resumed run's own."""
-    from .cli import parse_task_options
+    from .cli import flag_of, new_run_folder, parse_task_options
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "output", "overwrite")}
     if "task_option" in given:
@@ -691,14 +691,9 @@ def _cli_settings(ap: Any, args: Any) -> tuple[Path, dict, bool]:
             ap.error(f"--resume: {out} was not started from the command line (config.json has no 'cli' settings)")
         clash = sorted(k for k, v in given.items() if k not in _CLI_RESUMABLE and saved.get(k) != v)
         if clash:
-            ap.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in clash)} differ from the run in {out}")
+            ap.error(f"--resume: {', '.join(flag_of(k, GRPORunConfig) for k in clash)} differ from the run in {out}")
         return out, {**saved, **given}, True
-    missing = [f"--{k}" for k in ("model", "task", "output") if getattr(args, k) is None]
-    if missing:
-        ap.error(f"the following arguments are required: {', '.join(missing)} (or --resume DIR)")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        ap.error(f"--output: {out} is a file, not a folder")
+    out = new_run_folder(ap, args)
     given.setdefault("task_options", {})
     if given.get("data"):
         given["data"] = str(Path(given["data"]).resolve())

@@ -10,3 +10,11 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The shipped instruction-tuned tiny model and its tokenizer, loaded once per test module."""
+    from esnb.models import load_model
+
+    return load_model("tiny", device="cpu")

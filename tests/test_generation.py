@@ -13,11 +13,6 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def prompts():
     _, test = cd.load_split()
     return [cd.compact_prompt(p["numbers"], p["target"]) for p in test[:24]]
@@ -142,7 +137,6 @@ def test_a_busy_machine_gets_the_same_bf16_texts(monkeypatch):
     in bf16 a batch's padding can change a completion (one of these 48 changed when a batch was
     split only on an idle machine)."""
     import esnb._cpu as cpu
-    from esnb.models import load_model
 
     model, tok = load_model("tiny-base", device="cpu", dtype="bf16")
     _, test = cd.load_split()

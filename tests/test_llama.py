@@ -10,17 +10,11 @@ from esnb.es import ES, ESConfig
 from esnb.generation import GreedyState, decode_greedy, eos_ids, encode_prompts, generate
 from esnb.llama import LlamaDecoder, SharedWeights, supported
 from esnb.lowrank import LowRankES, generate_population, lowrank_covers, lowrank_decoder
-from esnb.models import load_model
 from esnb.population import StackedWeights, keep_member_slots
 from esnb.tasks import countdown as cd
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")

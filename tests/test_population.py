@@ -6,17 +6,11 @@ from esnb.es import ES, ESConfig
 from esnb.finetune import FinetuneConfig, score_members
 from esnb.generation import generate
 from esnb.lowrank import LowRankES
-from esnb.models import load_model
 from esnb.population import generate_members, use_population
 from esnb.tasks import countdown as cd
 from esnb.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu")
 
 
 @pytest.fixture(scope="module")
