@@ -55,7 +55,7 @@ from ._cpu import share_cores
 from ._env import OneLineParser
 from .cli import (add_config_arguments, add_data_argument, add_run_arguments, cli_field, cli_task_and_items, config_settings, flag_of,
                   new_run_folder, nonneg_int, parse_task_options, positive_int)
-from .models import check_context, model_name
+from .models import SHIPPED, check_context, model_name
 from .es import ES, PAPER_GROUP, PAPER_SEED, SEED_SCHEDULES, ESConfig, PaperSeedsES
 from .generation import DECODERS, decoder, evaluate, generate
 from .tasks import default_items, task_items
@@ -958,7 +958,7 @@ def cli_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
 
 
 # The model names load_model knows (anything else is a hub id or a folder).
-_MODEL_NAMES = ("tiny", "tiny-base", "smollm2-135m", "smollm2")
+_MODEL_NAMES = (*SHIPPED, "smollm2-135m", "smollm2")
 # Bytes per population member that live in memory every iteration whatever the model (the
 # member list, rewards, shaped weights, the seed log line), rounded up from a measurement.
 _BYTES_PER_MEMBER = 300

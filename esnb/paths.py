@@ -12,3 +12,4 @@ DATA_DIR = REPO_ROOT / "data"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 TINY_DIR = DATA_DIR / "tiny"            # the shipped instruction-tuned tiny model
 TINY_BASE_DIR = DATA_DIR / "tiny-base"  # and its base (pretrained only) sibling
+TINY_BASE_SEED1_DIR = DATA_DIR / "tiny-base-seed1"  # the base recipe from another seed (06's third base model)

@@ -284,6 +284,12 @@ def _answers(text: str) -> list[str]:
         pos = end + 9
 
 
+def answer_blocks(text: str) -> list[str]:
+    """The contents of a completion's ``<answer>...</answer>`` blocks, left to right (empty: no
+    answer in tags)."""
+    return _answers(text) if isinstance(text, str) else []
+
+
 def format_reward(completion: str) -> float:
     """The paper's format score of ``"<think>" + completion`` (the prompt ends with <think>).
 
