@@ -23,7 +23,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"ablation", "analysis", "distributed", "doctor", "es", "finetune", "generation", "grpo",
+_LAZY_MODULES = {"ablation", "analysis", "comparison", "distributed", "doctor", "es", "finetune", "generation", "grpo",
                  "landscapes", "lowrank", "models", "noise", "plots", "population", "runlog", "suite", "stats",
                  "tasks", "tinylm", "toy", "widgets", "zeroth_order"}
 
@@ -42,6 +42,7 @@ _LAZY_NAMES = {
     "FinetuneConfig": "finetune", "FinetuneResult": "finetune", "load_result": "finetune", "rebuild": "finetune",
     "GRPORunConfig": "grpo", "train_grpo": "grpo",
     "LowRankES": "lowrank",
+    "adapt_threads": "_cpu",
 }
 
 

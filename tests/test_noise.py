@@ -304,3 +304,33 @@ def test_cpu_share_measures_other_processes_and_caps_threads(monkeypatch):
     monkeypatch.setattr(cpu, "free_cores", lambda: 64)
     with cpu.share_cores(cap=1) as n:  # never more than the ceiling
         assert n == 1
+
+
+def test_adapt_threads_rechecks_the_cores_before_every_notebook_cell(monkeypatch):
+    import esnb
+    import esnb._cpu as cpu
+    from IPython.core.interactiveshell import InteractiveShell
+
+    old = torch.get_num_threads()
+    shell = InteractiveShell.instance()
+    try:
+        free = [2]
+        monkeypatch.setattr(cpu, "free_cores", lambda: free[0])
+        assert esnb.adapt_threads(2) == 2
+        free[0] = 1                       # another process took a core: the next cell runs on one thread
+        shell.run_cell("import torch; seen = torch.get_num_threads()")
+        assert shell.user_ns["seen"] == 1
+        free[0] = 64                      # idle again: back to the ceiling, never above it
+        shell.run_cell("seen = torch.get_num_threads()")
+        assert shell.user_ns["seen"] == 2
+        esnb.adapt_threads(1)             # a second call replaces the first hook
+        shell.run_cell("seen = torch.get_num_threads()")
+        assert shell.user_ns["seen"] == 1
+        assert sum(cb is cpu._cell_hook for cb in shell.events.callbacks["pre_run_cell"]) == 1
+        with pytest.raises(ValueError, match="cap"):
+            esnb.adapt_threads(0)
+    finally:
+        shell.events.unregister("pre_run_cell", cpu._cell_hook)
+        cpu._cell_hook = None
+        InteractiveShell.clear_instance()
+        torch.set_num_threads(old)
