@@ -335,7 +335,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     ``threads``: CPU threads for the duration of the call. ``None`` (default) uses one thread
     for small models on CPU (under 20M parameters: their matrices are too small to split) and
     for any model when other processes hold a core (extra threads then stall each other);
-    otherwise PyTorch's setting is left alone.
+    otherwise PyTorch's setting is left alone. A small model's batches (one batch that fits is
+    split in two) are then decoded side by side on as many cores as are free, at most PyTorch's
+    thread setting: after ``torch.set_num_threads(1)`` one core does all the work.
 
     Inside ``with decoder("generate"):`` the completions come from Hugging Face ``generate``
     instead (see :data:`DECODERS`; ``fast`` is then ignored).
@@ -368,7 +370,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
             # change a bf16 completion, so the batches must not depend on the machine's load
             batch_size = -(-len(prompts) // 2)
         batches = [order[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
-        workers = min(_cpu.free_cores(), len(batches)) if parallel else 1
+        # the caller's thread setting caps the cores too: torch.set_num_threads(1) means one core
+        workers = min(_cpu.free_cores(), old_threads, len(batches)) if parallel else 1
         if workers > 1:
             _generate_batches_threaded(model, tokenizer, prompts, batches, results, workers, max_new_tokens,
                                        token_stops, text_stops, eos, use_fast)

@@ -1,6 +1,7 @@
 """Greedy generation and evaluation on the shipped tiny model (the lean decoder on Qwen2 and
 Llama-3 models: tests/test_llama.py)."""
 import pytest
+import torch
 
 import esnb.generation as gen
 from esnb.generation import evaluate, generate
@@ -124,12 +125,20 @@ def test_small_models_decode_batches_on_free_cores_with_the_same_texts(tiny, mon
 
     monkeypatch.setattr(gen, "_generate_batches_threaded", spy)
     monkeypatch.setattr(cpu, "free_cores", lambda: 2)
-    assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial        # 2 batches, 2 threads
-    assert generate(model, tok, many, max_new_tokens=24, batch_size=256) == serial       # 1 batch, split
-    assert generate(model, tok, many[:8], max_new_tokens=24, batch_size=256) == serial[:8]  # too few: one thread
-    assert seen == [(2, 2), (2, 2)]
-    monkeypatch.setattr(cpu, "free_cores", lambda: 1)  # another process holds a core: one thread
-    assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial and len(seen) == 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial        # 2 batches, 2 threads
+        assert generate(model, tok, many, max_new_tokens=24, batch_size=256) == serial       # 1 batch, split
+        assert generate(model, tok, many[:8], max_new_tokens=24, batch_size=256) == serial[:8]  # too few: one thread
+        assert seen == [(2, 2), (2, 2)]
+        monkeypatch.setattr(cpu, "free_cores", lambda: 1)  # another process holds a core: one thread
+        assert generate(model, tok, many, max_new_tokens=24, batch_size=64) == serial and len(seen) == 2
+        monkeypatch.setattr(cpu, "free_cores", lambda: 2)
+        torch.set_num_threads(1)   # the caller asked for one core: the same batches, decoded on one thread
+        assert generate(model, tok, many, max_new_tokens=24, batch_size=256) == serial and len(seen) == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_busy_machine_gets_the_same_bf16_texts(monkeypatch):
