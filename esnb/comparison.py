@@ -38,12 +38,10 @@ __all__ = ["CODE_BITS", "Comparison", "Outcomes", "completions_hash", "decode", 
 
 def outcome_codes(completions: Sequence[Any], items: Sequence[dict]) -> str:
     """One digit per puzzle, the sum of 1 (right, in tags: the reward's accuracy), 2 (an answer in
-    tags) and 4 (right if an untagged ``Answer: ...`` line counted too)."""
-    texts = [c if isinstance(c, str) else "" for c in completions]
-    return "".join(str(int(cd.answer_reward(c, x["numbers"], x["target"]) > 0)
-                       + 2 * int(bool(cd.answer_blocks(c)))
-                       + 4 * int(cd.answer_ignoring_format(c, x["numbers"], x["target"]) > 0))
-                   for c, x in zip(texts, items))
+    tags) and 4 (right if an untagged ``Answer: ...`` line counted too): the bits of
+    ``esnb.tasks.countdown.format_outcomes`` by :data:`CODE_BITS`."""
+    outcomes = cd.format_outcomes(completions, items)
+    return "".join(str(sum(bit * outcomes[name][i] for name, bit in CODE_BITS.items())) for i in range(len(items)))
 
 
 def decode(codes: str) -> dict[str, np.ndarray]:
@@ -117,11 +115,6 @@ class Comparison:
             raise ValueError(f"unequal budgets: ES {self.es_iterations} x {self.es_population} x {self.es_batch} "
                              f"= {es} samples, GRPO {self.grpo_steps} x {self.grpo_prompts} x "
                              f"{self.grpo_generations} = {grpo}")
-
-    @property
-    def samples(self) -> int:
-        """Completions each run generates and scores for training (the same for both methods)."""
-        return self.es_iterations * self.es_population * self.es_batch
 
     def fresh(self) -> tuple[Any, Any]:
         """The starting model, loaded anew."""

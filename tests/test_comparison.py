@@ -25,9 +25,10 @@ def test_outcome_codes_separate_the_tags_from_the_arithmetic():
     assert d["accuracy ignoring format"].tolist() == [True, False, True, False]
 
 
-def test_answer_blocks_is_the_tag_parser():
-    assert cd.answer_blocks("a<answer>1</answer>b<answer>2</answer>") == ["1", "2"]
-    assert cd.answer_blocks("<answer>open") == [] and cd.answer_blocks(None) == []
+def test_answers_in_tags_need_a_closed_block():
+    texts = ["a<answer>1</answer>b<answer>2</answer>", "<answer>open", None]
+    assert cd.format_outcomes(texts, [PUZZLE] * 3)["answers in tags"] == [True, False, False]
+    assert outcome_codes(texts, [PUZZLE] * 3) == "200"
 
 
 def test_pick_breaks_ties_by_reward_then_the_smaller_setting():

@@ -284,12 +284,6 @@ def _answers(text: str) -> list[str]:
         pos = end + 9
 
 
-def answer_blocks(text: str) -> list[str]:
-    """The contents of a completion's ``<answer>...</answer>`` blocks, left to right (empty: no
-    answer in tags)."""
-    return _answers(text) if isinstance(text, str) else []
-
-
 def format_reward(completion: str) -> float:
     """The paper's format score of ``"<think>" + completion`` (the prompt ends with <think>).
 
@@ -353,22 +347,27 @@ def answer_ignoring_format(completion: str, numbers: Sequence[int], target: Any)
     return answer_reward(completion, numbers, target)
 
 
-def format_breakdown(completions: Sequence[Any], items: Sequence[dict]) -> dict:
-    """Why answers score zero, over completions paired with their puzzles:
-    ``{"accuracy", "answers in tags", "accuracy ignoring format"}`` (shares in [0, 1]; the last
-    uses :func:`answer_ignoring_format`). Separates a format gain from an arithmetic gain."""
+def format_outcomes(completions: Sequence[Any], items: Sequence[dict]) -> dict[str, list[bool]]:
+    """Per puzzle, in order: ``{"accuracy", "answers in tags", "accuracy ignoring format"}``, each
+    a list of bools (right in tags; any answer in tags; right if an untagged ``Answer: ...`` line
+    counted too, :func:`answer_ignoring_format`). Non-strings count as empty answers."""
     completions, items = list(completions), list(items)
     if len(completions) != len(items) or not items:
-        raise ValueError(f"format_breakdown: need as many completions as puzzles (at least one), "
+        raise ValueError(f"format_outcomes: need as many completions as puzzles (at least one), "
                          f"got {len(completions)} and {len(items)}")
-    n = len(items)
     texts = [c if isinstance(c, str) else "" for c in completions]
     return {
-        "accuracy": sum(answer_reward(c, x["numbers"], x["target"]) > 0 for c, x in zip(texts, items)) / n,
-        "answers in tags": sum(bool(_answers(c)) for c in texts) / n,
-        "accuracy ignoring format": sum(answer_ignoring_format(c, x["numbers"], x["target"]) > 0
-                                        for c, x in zip(texts, items)) / n,
+        "accuracy": [answer_reward(c, x["numbers"], x["target"]) > 0 for c, x in zip(texts, items)],
+        "answers in tags": [bool(_answers(c)) for c in texts],
+        "accuracy ignoring format": [answer_ignoring_format(c, x["numbers"], x["target"]) > 0
+                                     for c, x in zip(texts, items)],
     }
+
+
+def format_breakdown(completions: Sequence[Any], items: Sequence[dict]) -> dict:
+    """Why answers score zero, over completions paired with their puzzles: the shares in [0, 1] of
+    :func:`format_outcomes`. Separates a format gain from an arithmetic gain."""
+    return {k: sum(v) / len(v) for k, v in format_outcomes(completions, items).items()}
 
 
 def reward(completion: str, numbers: Sequence[int], target: Any) -> dict:
